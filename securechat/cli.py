@@ -1,0 +1,182 @@
+"""The ``securechat`` command line: parsing, dispatch, and the one place errors are printed.
+
+Every command function returns an exit code or raises a
+:class:`~securechat.errors.SecureChatError`; :func:`main` turns those into
+``securechat: <message>`` on stderr and the error family's exit code. A
+traceback is printed only for a real bug (an exception outside our tree).
+Heavy modules (the relay, the chat UI) are imported only by the commands that
+need them, so ``securechat keygen`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from securechat import __version__, keys, keystore
+from securechat.errors import KeyExistsError, SecureChatError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+EXIT_INTERRUPTED: Final = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns exit codes."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --- identity commands -------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    name = keys.check_name(args.name)
+    identity = keys.generate_identity(name, os.urandom(keys.SEED_SIZE))
+    directory = keystore.ensure_home()
+    private_path = directory / f"{name}{keystore.PRIVATE_SUFFIX}"
+    public_path = directory / f"{name}{keystore.PUBLIC_SUFFIX}"
+    for path in (private_path, public_path):
+        if path.exists() and not args.force:
+            raise KeyExistsError(f"{path} already exists; use --force to overwrite it")
+    if args.no_passphrase:
+        text = keys.encode_private_key(identity, None, None)
+        print(
+            f"securechat: warning: {private_path} is NOT encrypted; anyone who can read it "
+            "can read your messages",
+            file=sys.stderr,
+        )
+    else:
+        passphrase = keystore.passphrase_from_env_or_tty(
+            f"Passphrase for {private_path}: ", confirm=True
+        )
+        params = keys.KdfParams(
+            salt=os.urandom(keys.SALT_SIZE), nonce=os.urandom(keys.NONCE_SIZE)
+        )
+        text = keys.encode_private_key(identity, passphrase, params)
+    keystore.write_new_file(private_path, text.encode(), mode=0o600, force=args.force)
+    line = identity.public.to_line() + "\n"
+    keystore.write_new_file(public_path, line.encode(), mode=0o644, force=args.force)
+    print(f"wrote {private_path} (private, keep it secret) and {public_path} (share this)")
+    print(f"fingerprint {identity.public.fingerprint}")
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    public = keystore.load_public(args.key)
+    print(f"{public.fingerprint}  {public.name}".rstrip())
+    return 0
+
+
+def cmd_safety_number(args: argparse.Namespace) -> int:
+    ours = _own_public(args.key)
+    peer = keystore.load_public(args.peer)
+    print(f"safety number for {ours.name} and {peer.name}:")
+    print(keys.safety_number(ours, peer))
+    return 0
+
+
+def _own_public(arg: str | None) -> keys.PublicIdentity:
+    """Our public identity without asking for the passphrase (it is in the key file)."""
+    if arg:
+        path = keystore.resolve(arg, keystore.PRIVATE_SUFFIX)
+    else:
+        path = keystore.default_private_path()
+    return keystore.load_public(str(path))
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def _add_identity_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="create an identity NAME.key / NAME.pub in the key directory",
+        description=(
+            "Create an identity (X25519 + Ed25519 key pairs) as NAME.key (private, 0600, "
+            "encrypted with a passphrase: prompted twice on a terminal, or taken from "
+            "$SECURECHAT_PASSPHRASE) and NAME.pub (one line to share). The key directory is "
+            "$SECURECHAT_HOME, default ./keys. Prints the fingerprint."
+        ),
+    )
+    p.add_argument("name", metavar="NAME", help="identity name (letters, digits, _ - .)")
+    p.add_argument("--no-passphrase", action="store_true", help="store the key unencrypted")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key of that name")
+    p.set_defaults(handler=cmd_keygen)
+
+    p = sub.add_parser(
+        "fingerprint",
+        help="print a key's fingerprint",
+        description="Print the fingerprint of a .pub or .key file, or of NAME in the key dir.",
+    )
+    p.add_argument("key", metavar="FILE|NAME")
+    p.set_defaults(handler=cmd_fingerprint)
+
+    p = sub.add_parser(
+        "safety-number",
+        help="print the 60-digit safety number of you and a peer",
+        description=(
+            "Print the 60-digit safety number for your identity and a peer's: the same on both "
+            "sides. Compare it out of band (in person, by phone) to rule out a swapped key."
+        ),
+    )
+    p.add_argument("--peer", required=True, metavar="FILE|NAME", help="the peer's .pub or name")
+    p.add_argument("--key", metavar="FILE|NAME", help="your identity (default: the only key)")
+    p.set_defaults(handler=cmd_safety_number)
+
+
+def _add_relay_command(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from securechat.relay.server import add_arguments, run_relay
+
+    p = sub.add_parser(
+        "relay",
+        help="run the relay that routes encrypted frames between clients",
+        description=(
+            "Run the relay: a TCP server that authenticates clients (Noise XX), routes opaque "
+            "end-to-end encrypted frames, and stores them for offline recipients until they "
+            "acknowledge. It holds no key that can read a message."
+        ),
+    )
+    add_arguments(p)
+    p.set_defaults(handler=run_relay)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(
+        prog="securechat",
+        description=(
+            "End-to-end encrypted chat for the terminal, through a relay you do not have to trust."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"securechat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_identity_commands(sub)
+    # _add_relay_command(sub)  # RELAY-HOOK
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code. The only place errors are printed."""
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Handler = args.handler
+        return handler(args)
+    except SecureChatError as exc:
+        print(f"securechat: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("securechat: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into `head` and closed: not an error worth a traceback.
+        sys.stderr.close()
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

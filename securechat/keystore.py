@@ -1,0 +1,236 @@
+"""The key directory on disk: where keys live, how they are written and read (shell).
+
+Everything a client writes lives under one directory, ``$SECURECHAT_HOME``
+or ``./keys``: identities (``NAME.key``/``NAME.pub``) and, later, client state.
+Private files are created with ``O_EXCL`` and mode 0600 from the first byte
+(no window in which they are readable), and a private file that group or
+others can read is refused, as OpenSSH refuses ``id_ed25519`` with mode 0644.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final
+
+from securechat import keys
+from securechat.errors import (
+    CorruptKeyError,
+    KeyExistsError,
+    KeyFileError,
+    KeyNotFoundError,
+    KeyPermissionError,
+    PassphraseRequiredError,
+    StorageError,
+    UsageError,
+)
+
+ENV_HOME: Final = "SECURECHAT_HOME"
+ENV_PASSPHRASE: Final = "SECURECHAT_PASSPHRASE"  # noqa: S105 (a variable name)
+DEFAULT_HOME: Final = "keys"
+PRIVATE_SUFFIX: Final = ".key"
+PUBLIC_SUFFIX: Final = ".pub"
+MAX_KEY_FILE: Final = 16 * 1024  # a real key file is < 1 KiB; refuse to slurp huge files
+
+PassphrasePrompt = Callable[[str], str]
+
+
+def home() -> Path:
+    """The key directory (not created)."""
+    return Path(os.environ.get(ENV_HOME) or DEFAULT_HOME)
+
+
+def ensure_home() -> Path:
+    """The key directory, created 0700 if missing."""
+    path = home()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create key directory {path}: {exc.strerror}") from exc
+    return path
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> None:
+    """Create ``path`` with ``mode``; never overwrite unless ``force``.
+
+    With ``force`` the new content is written beside the old file and renamed
+    over it, so a crash leaves either the old key or the new one, never half.
+    """
+    if path.exists() and not force:
+        raise KeyExistsError(f"{path} already exists; use --force to overwrite it")
+    target = path.with_name(path.name + ".tmp") if force else path
+    if force:
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as exc:
+        raise KeyExistsError(f"{path} already exists; use --force to overwrite it") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot create {target}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if force:
+            os.replace(target, path)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def atomic_write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with a 0600 file holding ``data`` (state files)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def check_private_permissions(path: Path) -> None:
+    """Refuse a private file that group or others may read or write."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise KeyNotFoundError(f"cannot read {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise KeyPermissionError(
+            f"permissions {mode:04o} for '{path}' are too open: it must not be readable by "
+            f"others. Run: chmod 600 '{path}'"
+        )
+
+
+def read_private_file(path: Path, *, limit: int = MAX_KEY_FILE) -> bytes:
+    """Read a private file after the permission check."""
+    check_private_permissions(path)
+    return _read(path, limit)
+
+
+def _read(path: Path, limit: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except FileNotFoundError as exc:
+        raise KeyNotFoundError(f"no such key file: {path}") from exc
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) > limit:
+        raise KeyFileError(f"{path} is too large to be a securechat file")
+    return data
+
+
+def _decode_text(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptKeyError(f"{path} is not a securechat key file (not text)") from exc
+
+
+def resolve(arg: str, suffix: str) -> Path:
+    """A path as given, or ``NAME`` looked up in the key directory."""
+    given = Path(arg)
+    if given.exists() or os.sep in arg or arg.endswith((PRIVATE_SUFFIX, PUBLIC_SUFFIX)):
+        if not given.exists():
+            raise KeyNotFoundError(f"no such key file: {arg}")
+        return given
+    candidate = home() / f"{arg}{suffix}"
+    if not candidate.exists():
+        raise KeyNotFoundError(
+            f"no key named {arg!r} in {home()} (looked for {candidate.name}); "
+            "give a path or run 'securechat keygen NAME'"
+        )
+    return candidate
+
+
+def default_private_path() -> Path:
+    """With exactly one private key in the key directory, that is the identity."""
+    found = sorted(home().glob(f"*{PRIVATE_SUFFIX}")) if home().is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(f"no private key in {home()}: run 'securechat keygen NAME' first")
+    names = ", ".join(p.stem for p in found)
+    raise UsageError(f"several keys in {home()} ({names}): choose one with --key NAME")
+
+
+def passphrase_from_env_or_tty(prompt: str, *, confirm: bool) -> bytes:
+    """The passphrase from ``$SECURECHAT_PASSPHRASE``, else asked on the terminal."""
+    value = os.environ.get(ENV_PASSPHRASE)
+    if value is not None:
+        return value.encode()
+    if not sys.stdin.isatty():
+        raise PassphraseRequiredError(
+            f"a passphrase is needed: set {ENV_PASSPHRASE} (or use --no-passphrase for keygen)"
+        )
+    first = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise UsageError("the two passphrases differ; nothing was written")
+    if confirm and not first:
+        raise UsageError("empty passphrase; use --no-passphrase to store the key unencrypted")
+    return first.encode()
+
+
+def load_identity(arg: str | None) -> keys.Identity:
+    """Load our identity from ``--key`` (path or name) or the default key."""
+    path = resolve(arg, PRIVATE_SUFFIX) if arg else default_private_path()
+    if path.suffix == PUBLIC_SUFFIX:
+        raise CorruptKeyError(f"{path} is a public key; --key needs the private .key file")
+    with _naming(path):
+        parsed = keys.parse_private_key(_decode_text(read_private_file(path), path))
+    passphrase = None
+    if parsed.encrypted:
+        passphrase = passphrase_from_env_or_tty(f"Passphrase for {path}: ", confirm=False)
+    with _naming(path):
+        return keys.decrypt_private_key(parsed, passphrase)
+
+
+def load_public(arg: str) -> keys.PublicIdentity:
+    """A peer's public identity from a ``.pub`` path or a name in the key directory.
+
+    A private ``.key`` file is accepted too (its public line is used), so
+    commands can name our own identity either way.
+    """
+    path = resolve(arg, PUBLIC_SUFFIX)
+    with _naming(path):
+        if path.suffix == PRIVATE_SUFFIX:
+            text = _decode_text(read_private_file(path), path)
+            return keys.parse_private_key(text).public
+        text = _decode_text(_read(path, MAX_KEY_FILE), path)
+        if text.startswith(keys.PRIVATE_HEADER):
+            raise CorruptKeyError("this is a private key; give the .pub file")
+        return keys.PublicIdentity.from_line(text, default_name=path.stem)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Prefix format errors with the file they concern, which the core cannot know."""
+    try:
+        yield
+    except CorruptKeyError as exc:
+        if str(path) in str(exc):
+            raise
+        raise CorruptKeyError(f"{path}: {exc}") from exc
