@@ -144,6 +144,14 @@ def _add_relay_command(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.set_defaults(handler=run_relay)
 
 
+def _add_client_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    from securechat import demo
+    from securechat.ui import script
+
+    script.register(sub)  # type: ignore[arg-type]
+    demo.register(sub)  # type: ignore[arg-type]
+
+
 def build_parser() -> _Parser:
     parser = _Parser(
         prog="securechat",
@@ -155,7 +163,8 @@ def build_parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_identity_commands(sub)
-    # _add_relay_command(sub)  # RELAY-HOOK
+    _add_relay_command(sub)
+    _add_client_commands(sub)
     return parser
 
 
