@@ -7,7 +7,13 @@ non-canonical encodings) that force the shared secret to a known value. For a
 clamped scalar every such point yields the all-zero output, so rejecting an
 all-zero result, compared in constant time, rejects exactly the points that
 would let a peer fix our secret (see Wycheproof's x25519 "low order" cases and
-wireguard-go ``noise-helpers.go``). Everything else goes to ``cryptography``.
+wireguard-go ``noise-helpers.go``). libsodium's ``crypto_scalarmult`` refuses
+them too; we check again rather than rely on a build option.
+
+libsodium (via PyNaCl) rather than ``cryptography`` for the scalar
+multiplication: it takes raw bytes, whereas loading a private key into
+``cryptography`` recomputes its public key (a second scalar multiplication)
+on every call, which doubled the cost of a relay handshake.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from __future__ import annotations
 import hmac
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+from nacl.exceptions import RuntimeError as NaclRuntimeError
 
 from securechat.errors import InvalidPublicKeyError
 
@@ -28,8 +34,7 @@ def public_key(private: bytes) -> bytes:
     """Return the X25519 public key of a 32-byte private key."""
     if len(private) != KEY_SIZE:
         raise InvalidPublicKeyError("X25519 private key must be 32 bytes")
-    pub = X25519PrivateKey.from_private_bytes(private).public_key()
-    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return bytes(crypto_scalarmult_base(bytes(private)))
 
 
 def x25519(private: bytes, peer_public: bytes) -> bytes:
@@ -41,11 +46,22 @@ def x25519(private: bytes, peer_public: bytes) -> bytes:
     if len(private) != KEY_SIZE or len(peer_public) != KEY_SIZE:
         raise InvalidPublicKeyError("X25519 keys must be 32 bytes")
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
-    except ValueError as exc:  # cryptography refuses the all-zero result itself
-        raise InvalidPublicKeyError("peer sent a low-order X25519 key") from exc
+        shared = bytes(crypto_scalarmult(bytes(private), bytes(peer_public)))
+    except NaclRuntimeError:  # libsodium refuses low-order points itself
+        raise InvalidPublicKeyError("peer sent a low-order X25519 key") from None
     if hmac.compare_digest(shared, _ZERO):
         raise InvalidPublicKeyError("peer sent a low-order X25519 key")
     return shared
+
+
+class KeyPair:
+    """An X25519 private key with its public key, computed once."""
+
+    __slots__ = ("_private", "public")
+
+    def __init__(self, private: bytes) -> None:
+        self.public: bytes = public_key(private)
+        self._private = bytes(private)
+
+    def dh(self, peer_public: bytes) -> bytes:
+        return x25519(self._private, peer_public)
