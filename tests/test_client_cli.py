@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from relay_fixture import Relay, keygen, run
 
 
@@ -148,9 +147,10 @@ def test_relay_unreachable_is_one_line(home: Path, relay: Relay) -> None:
 
 
 def test_wrong_passphrase_is_one_line(tmp_path: Path, relay: Relay) -> None:
-    from relay_fixture import env_for
     import subprocess
     import sys
+
+    from relay_fixture import env_for
 
     home = tmp_path / "h2"
     keygen(home, "bob")

@@ -1,0 +1,269 @@
+"""The end-to-end message format: envelope, content record, padding (core).
+
+The envelope is the opaque payload the relay stores and forwards. Layout
+(all integers big-endian)::
+
+    envelope  = version:u8 (=1) || kind:u8 || [x3dh header if kind = INITIAL] || ratchet message
+    x3dh hdr  = sender_dh:32 || sender_sign:32 || ephemeral:32 || flags:u8
+                || spk_id:u32 || opk_id:u32
+                flags: bit0 fallback, bit1 one-time prekey used; other bits zero;
+                fallback => spk_id = 0 and no opk; no opk => opk_id = 0
+    ratchet   = header:41 || nonce:24 || XChaCha20-Poly1305(padded content) (see ratchet.py)
+
+The AEAD's associated data is ``X3DH AD || envelope prefix (version, kind,
+x3dh header) || ratchet header``, so every clear byte is authenticated.
+
+Content record, the AEAD plaintext before padding::
+
+    version:u8 (=1) || type:u8 (1 = text) || msg_id:16 || sent_ms:u64 || flags:u8
+    || [group_id:16 || count:u16 || count * member_dh:32 (strictly ascending)]  if flags bit0
+    || text_len:u32 || text (UTF-8)
+
+Padding: ISO/IEC 7816-4 (one 0x80 byte, then zeros) up to the smallest size in
+:data:`PAD_BUCKETS` that holds record + 1 byte; anything else is rejected, so
+the encoding is canonical and the relay learns only the bucket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from securechat import ratchet
+from securechat.errors import AuthenticationError, SessionError
+from securechat.keys import PublicIdentity
+from securechat.x3dh import InitialHeader
+
+# --- our format ---------------------------------------------------------------------------------
+ENVELOPE_VERSION: Final = 1
+KIND_INITIAL: Final = 1
+KIND_NORMAL: Final = 2
+_PREFIX: Final = struct.Struct(">BB")
+_X3DH: Final = struct.Struct(">32s32s32sBII")
+X3DH_HEADER_SIZE: Final = _X3DH.size  # 105
+FLAG_FALLBACK: Final = 1
+FLAG_ONE_TIME: Final = 2
+
+CONTENT_VERSION: Final = 1
+CONTENT_TEXT: Final = 1  # other values reserved for control messages
+MSG_ID_SIZE: Final = 16
+GROUP_ID_SIZE: Final = 16
+MEMBER_SIZE: Final = 32
+_CONTENT_HEAD: Final = struct.Struct(">BB16sQB")
+_GROUP_HEAD: Final = struct.Struct(">16sH")
+_TEXT_LEN: Final = struct.Struct(">I")
+CONTENT_FLAG_GROUP: Final = 1
+PAD_MARKER: Final = 0x80
+
+# --- bounds we chose ----------------------------------------------------------------------------
+MAX_TEXT_BYTES: Final = 16 * 1024
+MAX_GROUP_MEMBERS: Final = 64
+PAD_BUCKETS: Final = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 20480)
+MAX_RECORD_SIZE: Final = (
+    _CONTENT_HEAD.size + _GROUP_HEAD.size + MAX_GROUP_MEMBERS * MEMBER_SIZE
+    + _TEXT_LEN.size + MAX_TEXT_BYTES
+)
+MAX_ENVELOPE_SIZE: Final = (
+    _PREFIX.size + X3DH_HEADER_SIZE + ratchet.OVERHEAD + PAD_BUCKETS[-1]
+)
+assert PAD_BUCKETS[-1] > MAX_RECORD_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A group conversation as every member's copy states it.
+
+    ``members`` are identity X25519 keys, kept sorted so that every copy
+    carries the same bytes and the relay cannot split or merge groups.
+    """
+
+    group_id: bytes
+    members: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(set(self.members)))
+        object.__setattr__(self, "members", ordered)
+        if len(self.group_id) != GROUP_ID_SIZE:
+            raise SessionError(f"group id must be {GROUP_ID_SIZE} bytes")
+        if not 2 <= len(ordered) <= MAX_GROUP_MEMBERS:
+            raise SessionError(f"a group has 2 to {MAX_GROUP_MEMBERS} members")
+        if any(len(m) != MEMBER_SIZE for m in ordered):
+            raise SessionError("group members are 32-byte identity keys")
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """What a person sent: id (also the relay msg_id), time, text, group context."""
+
+    msg_id: bytes
+    sent_ms: int
+    text: str
+    group: Group | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed envelope: the clear prefix (authenticated) and the ratchet message."""
+
+    initial: InitialHeader | None
+    prefix: bytes
+    message: bytes
+
+
+class Reader:
+    """Bounds-checked sequential parsing; ``error`` is raised on any shortfall."""
+
+    __slots__ = ("_data", "_error", "_pos")
+
+    def __init__(self, data: bytes, error: Exception) -> None:
+        self._data, self._pos, self._error = data, 0, error
+
+    def take(self, size: int) -> bytes:
+        end = self._pos + size
+        if size < 0 or end > len(self._data):
+            raise self._error
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def unpack(self, fmt: struct.Struct) -> tuple[object, ...]:
+        return fmt.unpack(self.take(fmt.size))
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "big")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "big")
+
+    def blob(self) -> bytes:
+        """A u32 length-prefixed byte string."""
+        return self.take(self.u32())
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise self._error
+
+
+# --- content records ---------------------------------------------------------------------------
+
+
+def encode_content(content: Content) -> bytes:
+    """The padded plaintext of one message; SessionError for an invalid one."""
+    text = content.text.encode("utf-8")
+    if len(text) > MAX_TEXT_BYTES:
+        raise SessionError(f"message too long: at most {MAX_TEXT_BYTES} bytes of text")
+    if len(content.msg_id) != MSG_ID_SIZE or not 0 <= content.sent_ms < 2**64:
+        raise SessionError("message id must be 16 bytes and the time a u64")
+    group = content.group
+    parts = [
+        _CONTENT_HEAD.pack(
+            CONTENT_VERSION, CONTENT_TEXT, content.msg_id, content.sent_ms,
+            CONTENT_FLAG_GROUP if group else 0,
+        )
+    ]
+    if group is not None:
+        parts += [_GROUP_HEAD.pack(group.group_id, len(group.members)), *group.members]
+    parts += [_TEXT_LEN.pack(len(text)), text]
+    return pad(b"".join(parts))
+
+
+def pad(record: bytes) -> bytes:
+    size = next((b for b in PAD_BUCKETS if b > len(record)), None)
+    if size is None:
+        raise SessionError("message too long to pad")
+    return record + bytes([PAD_MARKER]) + bytes(size - len(record) - 1)
+
+
+def unpad(padded: bytes) -> bytes:
+    """Inverse of :func:`pad`; rejects any size or padding :func:`pad` never makes."""
+    if len(padded) not in PAD_BUCKETS:
+        raise SessionError("message has a non-canonical padded size")
+    record = padded.rstrip(b"\x00")
+    if not record or record[-1] != PAD_MARKER:
+        raise SessionError("message padding is malformed")
+    record = record[:-1]
+    if next(b for b in PAD_BUCKETS if b > len(record)) != len(padded):
+        raise SessionError("message is padded to a larger bucket than needed")
+    return record
+
+
+def decode_content(padded: bytes) -> Content:
+    """Parse a decrypted content record strictly (SessionError if malformed)."""
+    r = Reader(unpad(padded), SessionError("message content is malformed"))
+    version, kind, msg_id, sent_ms, flags = r.unpack(_CONTENT_HEAD)
+    if version != CONTENT_VERSION or kind != CONTENT_TEXT:
+        raise SessionError("message uses an unsupported content version or type; upgrade")
+    if flags not in (0, CONTENT_FLAG_GROUP):
+        raise SessionError("message content has unknown flags")
+    group = None
+    if flags:
+        group_id, count = r.unpack(_GROUP_HEAD)
+        assert isinstance(count, int) and isinstance(group_id, bytes)
+        members = tuple(r.take(MEMBER_SIZE) for _ in range(min(count, MAX_GROUP_MEMBERS + 1)))
+        if any(a >= b for a, b in itertools.pairwise(members)):
+            raise SessionError("group member list is not strictly sorted")
+        group = Group(group_id, members)
+        if len(group.members) != count:
+            raise SessionError("group member list is malformed")
+    text_len = r.u32()
+    if text_len > MAX_TEXT_BYTES:
+        raise SessionError("message text is too long")
+    try:
+        text = r.take(text_len).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SessionError("message text is not valid UTF-8") from exc
+    r.end()
+    assert isinstance(msg_id, bytes) and isinstance(sent_ms, int)
+    return Content(msg_id, sent_ms, text, group)
+
+
+# --- envelopes ----------------------------------------------------------------------------------
+
+
+def encode_prefix(initial: InitialHeader | None) -> bytes:
+    if initial is None:
+        return _PREFIX.pack(ENVELOPE_VERSION, KIND_NORMAL)
+    opk = initial.one_time_prekey_id
+    flags = (FLAG_FALLBACK if initial.fallback else 0) | (FLAG_ONE_TIME if opk is not None else 0)
+    return _PREFIX.pack(ENVELOPE_VERSION, KIND_INITIAL) + _X3DH.pack(
+        initial.sender.dh, initial.sender.sign, initial.ephemeral, flags,
+        initial.signed_prekey_id, opk or 0,
+    )
+
+
+def decode_envelope(payload: bytes) -> Envelope:
+    """Split an envelope; AuthenticationError for anything malformed (one opaque error)."""
+    if len(payload) > MAX_ENVELOPE_SIZE or len(payload) < _PREFIX.size:
+        raise AuthenticationError()
+    version, kind = _PREFIX.unpack_from(payload)
+    if version != ENVELOPE_VERSION or kind not in (KIND_INITIAL, KIND_NORMAL):
+        raise AuthenticationError()
+    initial = None
+    offset = _PREFIX.size
+    if kind == KIND_INITIAL:
+        if len(payload) < offset + X3DH_HEADER_SIZE:
+            raise AuthenticationError()
+        initial = _decode_x3dh(payload[offset : offset + X3DH_HEADER_SIZE])
+        offset += X3DH_HEADER_SIZE
+    message = payload[offset:]
+    if len(message) - ratchet.OVERHEAD not in PAD_BUCKETS:
+        raise AuthenticationError()
+    return Envelope(initial, payload[:offset], message)
+
+
+def _decode_x3dh(raw: bytes) -> InitialHeader:
+    sender_dh, sender_sign, ephemeral, flags, spk_id, opk_id = _X3DH.unpack(raw)
+    fallback, has_opk = bool(flags & FLAG_FALLBACK), bool(flags & FLAG_ONE_TIME)
+    if flags & ~(FLAG_FALLBACK | FLAG_ONE_TIME) or has_opk != (opk_id != 0):
+        raise AuthenticationError()
+    if fallback and (spk_id != 0 or has_opk):
+        raise AuthenticationError()
+    if not fallback and spk_id == 0:
+        raise AuthenticationError()
+    sender = PublicIdentity(sender_dh, sender_sign)
+    return InitialHeader(sender, ephemeral, fallback, spk_id, opk_id if has_opk else None)

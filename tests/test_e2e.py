@@ -1,0 +1,298 @@
+"""E2EState: session start, prekeys, exactly-once, replays, groups, persistence, FS, PCS."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from securechat import envelope, ratchet
+from securechat.e2e import (
+    MAX_SEEN,
+    SPK_GRACE_MS,
+    SPK_ROTATION_MS,
+    Bundle,
+    Content,
+    E2EState,
+    Group,
+    parse_bundle,
+)
+from securechat.errors import (
+    AuthenticationError,
+    PeerKeyChangedError,
+    ReplayError,
+    SessionError,
+)
+from securechat.keys import generate_identity
+
+Rng = Callable[[int], bytes]
+
+
+def party(name: str, seed: int) -> E2EState:
+    return E2EState.new(generate_identity(name, random.Random(seed).randbytes(64)))
+
+
+def msg(n: int, text: str | None = None, group: Group | None = None) -> Content:
+    return Content(n.to_bytes(16, "big"), 1000 + n, text if text is not None else f"msg {n}", group)
+
+
+def bundle_of(owner: E2EState, rng: Rng, now: int = 0, opk: bool = True) -> Bundle:
+    spk, opks = owner.make_prekeys(rng, now, one_time=1 if opk else 0)
+    return parse_bundle(spk, opks[0] if opks else b"")
+
+
+@pytest.fixture
+def rng() -> Rng:
+    return random.Random(99).randbytes
+
+
+def test_conversation_with_bundle(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    first = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+    assert first[1] == envelope.KIND_INITIAL
+    got = bob.decrypt(alice.identity.public.dh, first, 0)
+    assert got.content == msg(1) and not got.duplicate
+    assert got.sender.key_bytes == alice.identity.public.key_bytes
+    assert alice.has_session(bob.identity.public) and bob.has_session(alice.identity.public)
+    second = alice.encrypt(bob.identity.public, msg(2), rng, 0)
+    assert second[1] == envelope.KIND_INITIAL  # no reply yet: header repeated
+    bob.decrypt(alice.identity.public.dh, second, 0)
+    reply = bob.encrypt(alice.identity.public, msg(3), rng, 0)
+    assert reply[1] == envelope.KIND_NORMAL
+    assert alice.decrypt(bob.identity.public.dh, reply, 0).sender.name == "bob"
+    assert alice.encrypt(bob.identity.public, msg(4), rng, 0)[1] == envelope.KIND_NORMAL
+
+
+def test_one_time_prekey_is_consumed_once(rng: Rng) -> None:
+    alice, bob, carol = party("alice", 1), party("bob", 2), party("carol", 3)
+    spk, opks = bob.make_prekeys(rng, 0, one_time=1)
+    assert bob.one_time_prekey_count == 1
+    bundle = parse_bundle(spk, opks[0])
+    m1 = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle)
+    bob.decrypt(alice.identity.public.dh, m1, 0)
+    assert bob.one_time_prekey_count == 0
+    # a malicious relay hands out the same one-time prekey again
+    m2 = carol.encrypt(bob.identity.public, msg(2), rng, 0, bundle)
+    with pytest.raises(AuthenticationError):
+        bob.decrypt(carol.identity.public.dh, m2, 0)
+
+
+def test_fallback_without_bundle_and_replay(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    first = alice.encrypt(bob.identity.public, msg(1), rng, 0)
+    assert bob.decrypt(alice.identity.public.dh, first, 0).content.text == "msg 1"
+    again = bob.decrypt(alice.identity.public.dh, first, 0)
+    assert again.duplicate and again.content.text == ""  # at-least-once redelivery
+    # once the peer has answered and the session moved on, a restored copy of the
+    # initial message is a replay even though the payload cache forgot it
+    bob2 = E2EState.deserialize(bob.identity, bob.serialize())
+    for record in bob2._peers.values():
+        record.seen_payloads.clear()
+        record.sessions.clear()
+    with pytest.raises(ReplayError):
+        bob2.decrypt(alice.identity.public.dh, first, 0)
+
+
+def test_relay_cannot_lie_about_sender(rng: Rng) -> None:
+    alice, bob, carol = party("alice", 1), party("bob", 2), party("carol", 3)
+    m = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+    with pytest.raises(AuthenticationError):
+        bob.decrypt(carol.identity.public.dh, m, 0)
+    bob.decrypt(alice.identity.public.dh, m, 0)
+    normal = bob.encrypt(alice.identity.public, msg(2), rng, 0)
+    carol.encrypt(alice.identity.public, msg(3), rng, 0)  # carol is known to alice too
+    alice.decrypt(carol.identity.public.dh, carol.encrypt(alice.identity.public, msg(4), rng, 0), 0)
+    with pytest.raises(AuthenticationError):
+        alice.decrypt(carol.identity.public.dh, normal, 0)
+    assert alice.decrypt(bob.identity.public.dh, normal, 0).content == msg(2)
+
+
+def test_duplicate_msg_id_in_new_ciphertext(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    bob.decrypt(alice.identity.public.dh, alice.encrypt(bob.identity.public, msg(1), rng, 0), 0)
+    resent = alice.encrypt(bob.identity.public, msg(1), rng, 0)  # outbox retry re-encrypts
+    got = bob.decrypt(alice.identity.public.dh, resent, 0)
+    assert got.duplicate and got.content == msg(1)
+
+
+def test_failed_decrypt_changes_nothing(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    m = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+    before = bob.serialize()
+    for i in range(len(m)):
+        forged = bytearray(m)
+        forged[i] ^= 0x80
+        with pytest.raises(AuthenticationError):
+            bob.decrypt(alice.identity.public.dh, bytes(forged), 0)
+    assert bob.serialize() == before
+    assert bob.decrypt(alice.identity.public.dh, m, 0).content == msg(1)
+
+
+def test_signed_prekey_rotation_keeps_grace(rng: Rng) -> None:
+    alice, bob, carol = party("alice", 1), party("bob", 2), party("carol", 3)
+    old = bundle_of(bob, rng, now=0, opk=False)
+    late = alice.encrypt(bob.identity.public, msg(1), rng, 0, old)
+    spk_blob, _ = bob.make_prekeys(rng, SPK_ROTATION_MS, one_time=0)
+    assert parse_bundle(spk_blob, b"").signed_prekey != old.signed_prekey
+    assert bob.decrypt(alice.identity.public.dh, late, SPK_ROTATION_MS + 1).content == msg(1)
+    too_late = carol.encrypt(bob.identity.public, msg(2), rng, 0, old)
+    with pytest.raises(AuthenticationError):
+        bob.decrypt(carol.identity.public.dh, too_late, SPK_ROTATION_MS + SPK_GRACE_MS)
+    same, _ = bob.make_prekeys(rng, SPK_ROTATION_MS + 1, one_time=0)
+    assert same == spk_blob  # not yet due
+
+
+def test_persistence_continues_conversation(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    pending = [
+        alice.encrypt(bob.identity.public, msg(i), rng, 0, bundle_of(bob, rng)) for i in range(3)
+    ]
+    bob.decrypt(alice.identity.public.dh, pending[2], 0)
+    bob = E2EState.deserialize(bob.identity, bob.serialize())
+    alice = E2EState.deserialize(alice.identity, alice.serialize())
+    assert bob.serialize() == E2EState.deserialize(bob.identity, bob.serialize()).serialize()
+    assert bob.decrypt(alice.identity.public.dh, pending[0], 0).content == msg(0)
+    assert bob.decrypt(alice.identity.public.dh, pending[2], 0).duplicate
+    reply = bob.encrypt(alice.identity.public, msg(5), rng, 0)
+    assert alice.decrypt(bob.identity.public.dh, reply, 0).content == msg(5)
+
+
+def test_deserialize_rejects_corrupt_or_foreign_state(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    bob.decrypt(alice.identity.public.dh, alice.encrypt(bob.identity.public, msg(1), rng, 0), 0)
+    data = bob.serialize()
+    with pytest.raises(SessionError):
+        E2EState.deserialize(alice.identity, data)
+    for bad in (data[:-1], data + b"\x00", b"XXXXX" + data[5:], data[:5] + b"\x02" + data[6:]):
+        with pytest.raises(SessionError):
+            E2EState.deserialize(bob.identity, bad)
+
+
+def test_peer_key_change_is_refused(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    alice.encrypt(bob.identity.public, msg(1), rng, 0)
+    imposter = type(bob.identity.public)(
+        bob.identity.public.dh, party("x", 7).identity.public.sign, "bob"
+    )
+    with pytest.raises(PeerKeyChangedError):
+        alice.encrypt(imposter, msg(2), rng, 0)
+
+
+def test_group_fan_out_three_parties(rng: Rng) -> None:
+    a, b, c = party("a", 1), party("b", 2), party("c", 3)
+    members = (a.identity.public.dh, b.identity.public.dh, c.identity.public.dh)
+    content = msg(1, "to the group", Group(bytes(range(16)), members))
+    copies = {p.identity.public.dh: a.encrypt(p.identity.public, content, rng, 0) for p in (b, c)}
+    for p in (b, c):
+        got = p.decrypt(a.identity.public.dh, copies[p.identity.public.dh], 0)
+        assert got.content == content and got.content.group is not None
+        assert set(got.content.group.members) == set(members)
+    # the relay cannot re-route b's copy to c
+    with pytest.raises(AuthenticationError):
+        c.decrypt(a.identity.public.dh, copies[b.identity.public.dh], 0)
+
+
+def test_group_must_list_sender_and_recipient(rng: Rng) -> None:
+    a, b, c, d = party("a", 1), party("b", 2), party("c", 3), party("d", 4)
+    without_b = Group(bytes(16), (a.identity.public.dh, c.identity.public.dh))
+    with pytest.raises(SessionError):
+        a.encrypt(b.identity.public, msg(1, group=without_b), rng, 0)
+    without_a = Group(bytes(16), (b.identity.public.dh, d.identity.public.dh))
+    with pytest.raises(SessionError):
+        a.encrypt(b.identity.public, msg(1, group=without_a), rng, 0)
+
+
+def test_receiver_rejects_group_not_listing_it(rng: Rng) -> None:
+    a, b, c = party("a", 1), party("b", 2), party("c", 3)
+    # build a copy with a member list that omits b by sealing below the facade
+    a.encrypt(b.identity.public, msg(0), rng, 0)
+    session = a._peers[b.identity.public.dh].sessions[0]
+    bad = msg(1, group=Group(bytes(16), (a.identity.public.dh, c.identity.public.dh)))
+    prefix = session.initial or envelope.encode_prefix(None)
+    payload = prefix + ratchet.encrypt(
+        session.state, envelope.encode_content(bad), session.ad + prefix, rng
+    )
+    before = b.serialize()
+    with pytest.raises(SessionError):
+        b.decrypt(a.identity.public.dh, payload, 0)
+    assert b.serialize() == before
+
+
+def test_seen_ids_are_bounded(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    bob.decrypt(alice.identity.public.dh, alice.encrypt(bob.identity.public, msg(0), rng, 0), 0)
+    record = bob._peers[alice.identity.public.dh]
+    for i in range(MAX_SEEN + 10):
+        record.remember(i.to_bytes(16, "big"), msg(i))
+    assert len(record.seen_ids) == len(record.seen_payloads) == MAX_SEEN
+
+
+def _talk(
+    a: E2EState, b: E2EState, rng: Rng, rounds: int, start: int
+) -> list[tuple[E2EState, bytes, bytes]]:
+    """Alternate a->b and b->a; return (receiver, sender_dh, payload) of each message."""
+    log = []
+    for i in range(rounds):
+        s, r = (a, b) if i % 2 == 0 else (b, a)
+        payload = s.encrypt(r.identity.public, msg(start + i), rng, 0)
+        assert r.decrypt(s.identity.public.dh, payload, 0).content == msg(start + i)
+        log.append((r, s.identity.public.dh, payload))
+    return log
+
+
+def _cannot_open(state: E2EState, sender_dh: bytes, payload: bytes) -> None:
+    """Neither the facade nor the raw ratchet of any session recovers the plaintext."""
+    try:
+        got = state.decrypt(sender_dh, payload, 0)
+    except AuthenticationError:
+        pass
+    else:
+        assert got.duplicate and got.content.text == ""
+    env = envelope.decode_envelope(payload)
+    for session in state._peers[sender_dh].sessions:
+        with pytest.raises(AuthenticationError):
+            ratchet.decrypt(session.state, env.message, session.ad + env.prefix)
+
+
+def test_forward_secrecy(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    alice.encrypt(bob.identity.public, msg(100), rng, 0, bundle_of(bob, rng))  # start
+    bob.decrypt(alice.identity.public.dh, alice.encrypt(bob.identity.public, msg(101), rng, 0), 0)
+    captured = _talk(alice, bob, rng, 6, 0)
+    _talk(alice, bob, rng, 5, 10)  # more messages, more DH steps
+    stolen = {
+        s.identity.public.dh: E2EState.deserialize(s.identity, s.serialize()) for s in (alice, bob)
+    }
+    for receiver, sender_dh, payload in captured:
+        _cannot_open(stolen[receiver.identity.public.dh], sender_dh, payload)
+
+
+def test_post_compromise_security(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    _start = alice.encrypt(bob.identity.public, msg(0), rng, 0, bundle_of(bob, rng))
+    bob.decrypt(alice.identity.public.dh, _start, 0)
+    _talk(bob, alice, rng, 2, 1)
+    attacker = E2EState.deserialize(bob.identity, bob.serialize())  # bob's state leaks
+    leaked = alice.encrypt(bob.identity.public, msg(10), rng, 0)
+    assert attacker.decrypt(alice.identity.public.dh, leaked, 0).content == msg(
+        10
+    )  # before healing
+    bob.decrypt(alice.identity.public.dh, leaked, 0)
+    _talk(bob, alice, rng, 2, 20)  # one DH round trip with fresh randomness
+    healed = alice.encrypt(bob.identity.public, msg(30), rng, 0)
+    with pytest.raises(AuthenticationError):
+        attacker.decrypt(alice.identity.public.dh, healed, 0)
+    assert bob.decrypt(alice.identity.public.dh, healed, 0).content == msg(30)
+
+
+def test_simultaneous_start_converges(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    a1 = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+    b1 = bob.encrypt(alice.identity.public, msg(2), rng, 0, bundle_of(alice, rng))
+    assert bob.decrypt(alice.identity.public.dh, a1, 0).content == msg(1)
+    assert alice.decrypt(bob.identity.public.dh, b1, 0).content == msg(2)
+    _talk(alice, bob, rng, 6, 10)
+    assert alice._peers[bob.identity.public.dh].sessions[0].ephemeral == (
+        bob._peers[alice.identity.public.dh].sessions[0].ephemeral
+    )

@@ -1,0 +1,156 @@
+"""Envelope and content record: canonical encoding, padding buckets, strict parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securechat import envelope, ratchet
+from securechat.envelope import Content, Group
+from securechat.errors import AuthenticationError, SessionError
+from securechat.keys import generate_identity
+from securechat.x3dh import InitialHeader
+
+members = st.lists(st.binary(min_size=32, max_size=32), min_size=2, max_size=8, unique=True)
+groups = st.builds(Group, st.binary(min_size=16, max_size=16), members.map(tuple))
+contents = st.builds(
+    Content,
+    st.binary(min_size=16, max_size=16),
+    st.integers(0, 2**64 - 1),
+    st.text(max_size=300),
+    st.none() | groups,
+)
+
+
+@given(contents)
+@settings(max_examples=200)
+def test_content_roundtrip_and_bucket(content: Content) -> None:
+    padded = envelope.encode_content(content)
+    assert len(padded) in envelope.PAD_BUCKETS
+    assert envelope.decode_content(padded) == content
+
+
+@given(st.binary(max_size=3000))
+@settings(max_examples=300)
+def test_decode_content_only_raises_session_error(data: bytes) -> None:
+    with contextlib.suppress(SessionError):
+        envelope.decode_content(data)
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=300)
+def test_decode_envelope_only_raises_authentication_error(data: bytes) -> None:
+    try:
+        env = envelope.decode_envelope(data)
+    except AuthenticationError:
+        return
+    assert env.prefix + env.message == data
+
+
+def test_padding_hides_length_within_bucket() -> None:
+    sizes = {len(envelope.encode_content(Content(bytes(16), 1, "x" * n))) for n in range(30)}
+    assert sizes == {64}
+    assert len(envelope.encode_content(Content(bytes(16), 1, "x" * 60))) == 128
+
+
+def test_padding_is_canonical() -> None:
+    padded = envelope.encode_content(Content(bytes(16), 1, "hi"))
+    record = envelope.unpad(padded)
+    with pytest.raises(SessionError):
+        envelope.unpad(record + b"\x80" + bytes(128 - len(record) - 1))  # too big a bucket
+    with pytest.raises(SessionError):
+        envelope.unpad(padded[:-1] + b"\x01")
+    with pytest.raises(SessionError):
+        envelope.unpad(bytes(64))
+    with pytest.raises(SessionError):
+        envelope.unpad(padded + b"\x00")
+
+
+def test_limits() -> None:
+    big = Content(bytes(16), 1, "é" * (envelope.MAX_TEXT_BYTES // 2))
+    assert len(envelope.encode_content(big)) <= envelope.PAD_BUCKETS[-1]
+    with pytest.raises(SessionError):
+        envelope.encode_content(Content(bytes(16), 1, "x" * (envelope.MAX_TEXT_BYTES + 1)))
+    with pytest.raises(SessionError):
+        envelope.encode_content(Content(bytes(15), 1, "x"))
+    with pytest.raises(SessionError):
+        Group(bytes(16), (bytes(32),))
+    with pytest.raises(SessionError):
+        Group(
+            bytes(16), tuple(i.to_bytes(32, "big") for i in range(envelope.MAX_GROUP_MEMBERS + 1))
+        )
+    full = Group(bytes(16), tuple(i.to_bytes(32, "big") for i in range(envelope.MAX_GROUP_MEMBERS)))
+    largest = Content(bytes(16), 2**64 - 1, "x" * envelope.MAX_TEXT_BYTES, full)
+    assert envelope.decode_content(envelope.encode_content(largest)) == largest
+
+
+def test_group_members_are_sorted_and_unique() -> None:
+    a, b, c = (bytes([i]) * 32 for i in (3, 1, 2))
+    assert Group(bytes(16), (a, b, c, a)).members == (b, c, a)
+
+
+def test_unsorted_members_on_the_wire_are_rejected() -> None:
+    g = Group(bytes(16), (bytes([1]) * 32, bytes([2]) * 32))
+    record = envelope.unpad(envelope.encode_content(Content(bytes(16), 1, "t", g)))
+    head = 1 + 1 + 16 + 8 + 1 + 16 + 2
+    swapped = (
+        record[:head]
+        + record[head + 32 : head + 64]
+        + record[head : head + 32]
+        + record[head + 64 :]
+    )
+    with pytest.raises(SessionError):
+        envelope.decode_content(envelope.pad(swapped))
+
+
+def test_unknown_versions_types_flags_rejected() -> None:
+    record = envelope.unpad(envelope.encode_content(Content(bytes(16), 1, "t")))
+    for index, value in ((0, 2), (1, 2), (26, 2)):
+        bad = bytearray(record)
+        bad[index] = value
+        with pytest.raises(SessionError):
+            envelope.decode_content(envelope.pad(bytes(bad)))
+    with pytest.raises(SessionError):
+        envelope.decode_content(envelope.pad(record + b"\x00"))  # trailing byte
+
+
+def test_initial_header_roundtrip_and_flag_rules() -> None:
+    ident = generate_identity("a", random.Random(1).randbytes(64))
+    body = bytes(ratchet.OVERHEAD + 64)
+    for header in (
+        InitialHeader(ident.public, bytes(range(32)), False, 5, 9),
+        InitialHeader(ident.public, bytes(range(32)), False, 5, None),
+        InitialHeader(ident.public, bytes(range(32)), True, 0, None),
+    ):
+        prefix = envelope.encode_prefix(header)
+        env = envelope.decode_envelope(prefix + body)
+        assert env.initial is not None
+        assert (env.initial.fallback, env.initial.signed_prekey_id) == (
+            header.fallback,
+            header.signed_prekey_id,
+        )
+        assert env.initial.one_time_prekey_id == header.one_time_prekey_id
+        assert env.initial.sender.key_bytes == ident.public.key_bytes
+    good = envelope.encode_prefix(InitialHeader(ident.public, bytes(32), False, 5, None))
+    flags_at = 2 + 96
+    for flags, spk, opk in ((4, 5, 0), (1, 5, 0), (2, 5, 0), (0, 5, 3), (0, 0, 0), (3, 0, 1)):
+        bad = bytearray(good)
+        bad[flags_at] = flags
+        bad[flags_at + 1 : flags_at + 5] = spk.to_bytes(4, "big")
+        bad[flags_at + 5 : flags_at + 9] = opk.to_bytes(4, "big")
+        with pytest.raises(AuthenticationError):
+            envelope.decode_envelope(bytes(bad) + body)
+
+
+def test_envelope_rejects_non_bucket_ciphertext_sizes() -> None:
+    prefix = envelope.encode_prefix(None)
+    assert envelope.decode_envelope(prefix + bytes(ratchet.OVERHEAD + 64)).initial is None
+    for size in (0, ratchet.OVERHEAD, ratchet.OVERHEAD + 63, ratchet.OVERHEAD + 65):
+        with pytest.raises(AuthenticationError):
+            envelope.decode_envelope(prefix + bytes(size))
+    with pytest.raises(AuthenticationError):
+        envelope.decode_envelope(b"\x02\x02" + bytes(ratchet.OVERHEAD + 64))
