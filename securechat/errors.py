@@ -87,6 +87,10 @@ class FrameError(ProtocolError):
     """A client<->relay frame is malformed, oversized or of an unknown type."""
 
 
+class FrameTooLargeError(FrameError):
+    """A frame or payload exceeds its size limit (the relay answers TOO_LARGE)."""
+
+
 class HandshakeError(ProtocolError):
     """The Noise handshake failed (bad message, wrong key, wrong state)."""
 

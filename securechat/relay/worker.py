@@ -1,0 +1,581 @@
+"""I/O workers: each a ``selectors`` loop over its share of connections.
+
+Per loop turn a worker: reads every readable socket once (one large recv),
+feeds the bytes to the connection's Noise state and frame decoder, handles
+every complete frame, runs the callbacks other threads posted, and finally
+encrypts *all* output queued for a connection during the turn with one
+``NoiseConnection.send`` and writes it with one ``send`` (write coalescing).
+
+Connection states::
+
+    HANDSHAKE --(Noise XX complete)--> OPEN --(error, EOF, timeout, shutdown)--> CLOSED
+    HANDSHAKE --(bad record, deadline, EOF)----------------------------------> CLOSED
+
+A recipient connection's delivery mode (see ``docs/protocol-relay.md``)::
+
+    STORE --(fetch returned the last stored row, no insert pending, buffer has room)--> LIVE
+    LIVE  --(buffer above high water or too many unacked)--> STORE
+
+In STORE mode new copies are appended to the store and fetched in order, so a
+sender's frames never overtake each other. Exceptions while handling one
+connection close that connection, never the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+from securechat import wire
+from securechat.encoding import fingerprint
+from securechat.errors import FrameError, FrameTooLargeError, ProtocolError, SecureChatError
+from securechat.noise import NoiseConnection
+from securechat.relay import handlers
+from securechat.relay import store as st
+from securechat.relay.limits import (
+    FETCH_BATCH,
+    OUT_HARD_LIMIT,
+    RECV_SIZE,
+    TICK_S,
+    RelayConfig,
+    TokenBucket,
+)
+from securechat.relay.router import (
+    CLOSED,
+    HANDSHAKE,
+    OPEN,
+    Copy,
+    Inflight,
+    Router,
+    Submission,
+    insert_outcome,
+    resolve,
+)
+
+log = logging.getLogger("securechat.relay")
+
+_READ: Final = selectors.EVENT_READ
+_WRITE: Final = selectors.EVENT_WRITE
+_SLOW_TIMERS_S: Final = 1.0
+
+
+class RelayContext:
+    """What every worker shares: configuration, routing table, store, relay key."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        router: Router,
+        store: st.StoreThread,
+        static_private: bytes,
+        release: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.store = store
+        self.static_private = static_private
+        self.release = release  # gives back an admission slot for an IP
+
+
+class Conn:
+    """One client connection; touched only by its worker's thread."""
+
+    __slots__ = (
+        "addr",
+        "bucket_bytes",
+        "bucket_frames",
+        "cursor",
+        "deadline",
+        "decoder",
+        "dirty",
+        "fetching",
+        "fp",
+        "identity",
+        "inflight",
+        "inflight_bytes",
+        "ip",
+        "last_rx",
+        "live",
+        "mailbox",
+        "noise",
+        "out",
+        "own_inserts",
+        "pending",
+        "pending_size",
+        "reading",
+        "sent_stored",
+        "sock",
+        "state",
+        "store_dirty",
+        "synced",
+        "watching",
+        "worker",
+    )  # fmt: skip
+
+    def __init__(
+        self, worker: Worker, sock: socket.socket, addr: tuple[str, int], now: float
+    ) -> None:
+        cfg = worker.ctx.config
+        self.worker = worker
+        self.sock = sock
+        self.ip = addr[0]
+        self.addr = f"{addr[0]}:{addr[1]}"
+        self.noise = NoiseConnection(
+            initiator=False, static_private=worker.ctx.static_private, rng=os.urandom
+        )
+        self.decoder = wire.FrameDecoder()
+        self.state = HANDSHAKE
+        self.deadline = now + cfg.handshake_timeout
+        self.last_rx = now
+        self.identity: bytes | None = None
+        self.mailbox: bytes | None = None
+        self.fp = ""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.dirty = False
+        self.out = bytearray()
+        self.reading = True
+        self.bucket_frames = TokenBucket(cfg.rate_frames, cfg.burst_frames, now)
+        self.bucket_bytes = TokenBucket(cfg.rate_bytes, cfg.burst_bytes, now)
+        self.inflight: dict[tuple[bytes, bytes], Inflight] = {}
+        self.inflight_bytes = 0
+        self.sent_stored: set[tuple[bytes, bytes]] = set()
+        self.live = False
+        self.fetching = False
+        self.store_dirty = False
+        self.cursor = 0
+        self.own_inserts = 0
+        self.synced = False
+        self.watching: frozenset[bytes] = frozenset()
+
+    def name(self) -> str:
+        return self.fp or self.addr
+
+    def backlog(self) -> int:
+        return len(self.out) + self.pending_size
+
+
+class Worker:
+    """A selector loop owning a set of connections."""
+
+    def __init__(self, index: int, ctx: RelayContext) -> None:
+        self.index = index
+        self.ctx = ctx
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, _READ, None)
+        self._queue: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._local: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._signaled = False
+        self._dirty: list[Conn] = []
+        self.conns: set[Conn] = set()
+        self.awaiting: set[Conn] = set()  # connections with live deliveries awaiting Ack
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"relay-io-{index}", daemon=True)
+        self._tid = 0
+        self.now = time.monotonic()
+        self._next_slow = 0.0
+
+    # --- cross-thread interface --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on this worker's thread (soon, in posting order)."""
+        if threading.get_ident() == self._tid:
+            self._local.append((fn, args))
+            return
+        self._queue.append((fn, args))
+        if not self._signaled:
+            self._signaled = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wake_w.send(b"\0")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        self._tid = threading.get_ident()
+        while True:
+            timeout = 0.0 if (self._local or self._queue) else TICK_S
+            try:
+                events = self.sel.select(timeout)
+            except OSError as exc:  # pragma: no cover - selector broken: nothing sane left
+                log.error("worker %d selector failed: %s", self.index, exc)
+                break
+            self.now = time.monotonic()
+            for key, mask in events:
+                conn = key.data
+                if conn is None:
+                    self._drain_wakeups()
+                    continue
+                self._guard(conn, self._on_event, conn, mask)
+            self._run_callbacks()
+            self._timers()
+            self._flush_dirty()
+            if self._stopping:
+                break
+        self.sel.close()
+
+    def _guard(self, conn: Conn | None, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("internal error handling %s", conn.name() if conn else "a callback")
+            if conn is not None and conn.state != CLOSED:
+                self.close(conn, "internal error")
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run_callbacks(self) -> None:
+        self._signaled = False
+        for _ in range(2):
+            queue = self._queue
+            while queue:
+                fn, args = queue.popleft()
+                self._guard(None, fn, *args)
+            local = self._local
+            while local:
+                fn, args = local.popleft()
+                self._guard(None, fn, *args)
+
+    def _on_event(self, conn: Conn, mask: int) -> None:
+        if mask & _READ and conn.state != CLOSED:
+            self._on_readable(conn)
+        if mask & _WRITE and conn.state != CLOSED:
+            self._on_writable(conn)
+
+    # --- accepting and closing ----------------------------------------------------------------
+    def add_connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        if self._stopping:
+            sock.close()
+            self.ctx.release(addr[0])
+            return
+        conn = Conn(self, sock, addr, self.now)
+        self.conns.add(conn)
+        self.sel.register(sock, _READ, conn)
+        log.info("client connected from %s", conn.addr)
+
+    def close(self, conn: Conn, reason: str, error: tuple[int, bytes] | None = None) -> None:
+        """Close one connection: send ``Error`` first if possible, keep every copy safe."""
+        if conn.state == CLOSED:
+            return
+        if error is not None and conn.state == OPEN:
+            code, msg_id = error
+            self.queue_frame(conn, wire.encode(wire.Error(code, msg_id, reason[:200])))
+            self._flush(conn)
+        was_open = conn.state == OPEN
+        conn.state = CLOSED
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(conn.sock)
+        conn.sock.close()
+        self.conns.discard(conn)
+        self.awaiting.discard(conn)
+        self.ctx.release(conn.ip)
+        conn.pending.clear()
+        conn.out = bytearray()
+        if was_open:
+            log.info("disconnected %s: %s", conn.fp, reason)
+            self._after_close(conn)
+        else:
+            log.info("closed %s: %s", conn.addr, reason)
+
+    def _after_close(self, conn: Conn) -> None:
+        ctx = self.ctx
+        if ctx.router.unregister(conn):
+            self._presence_changed(conn, online=False)
+        if conn.watching:
+            ctx.router.watch(conn, conn.watching, frozenset())
+        for entry in conn.inflight.values():  # delivered but never acked: persist
+            self.store_copy(entry.copy, force=True, subs=entry.subs)
+        conn.inflight.clear()
+
+    def shutdown(self) -> None:
+        for conn in list(self.conns):
+            self.close(conn, "relay shutting down", (wire.SERVER_SHUTDOWN, wire.NO_ID))
+        self._stopping = True
+
+    # --- reading ------------------------------------------------------------------------------
+    def _on_readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(conn, f"read error: {exc.strerror or exc}")
+            return
+        if not data:
+            self.close(conn, "peer closed the connection")
+            return
+        conn.last_rx = self.now
+        if conn.state == HANDSHAKE:
+            self._handshake_data(conn, data)
+            return
+        if not conn.bucket_bytes.take(len(data), self.now):
+            self.close(conn, "rate limit exceeded (bytes)", (wire.RATE_LIMITED, wire.NO_ID))
+            return
+        try:
+            _, plain, _ = conn.noise.receive_data(data)
+        except ProtocolError:
+            self.close(conn, "link record failed authentication")
+            return
+        if plain:
+            self._plaintext(conn, plain)
+
+    def _handshake_data(self, conn: Conn, data: bytes) -> None:
+        try:
+            events, plain, reply = conn.noise.receive_data(data)
+        except SecureChatError as exc:
+            self.close(conn, f"handshake failed: {exc}")
+            return
+        if reply:
+            self._write(conn, reply)
+        if events and conn.state == HANDSHAKE:
+            self._authenticated(conn, events[0].remote_static)
+            if plain and conn.state == OPEN:
+                self._plaintext(conn, plain)
+
+    def _plaintext(self, conn: Conn, plain: bytes) -> None:
+        try:
+            frames = conn.decoder.feed(plain)
+        except FrameError as exc:
+            code = wire.TOO_LARGE if isinstance(exc, FrameTooLargeError) else wire.BAD_FRAME
+            self.close(conn, f"bad frame: {exc}", (code, wire.NO_ID))
+            return
+        if frames and not conn.bucket_frames.take(len(frames), self.now):
+            self.close(conn, "rate limit exceeded (frames)", (wire.RATE_LIMITED, wire.NO_ID))
+            return
+        table = handlers.HANDLERS
+        for frame in frames:
+            handler = table.get(type(frame))
+            if handler is None:
+                self.close(
+                    conn,
+                    f"{type(frame).__name__} is not a client frame",
+                    (wire.BAD_FRAME, wire.NO_ID),
+                )
+                return
+            handler(self, conn, frame)
+            if conn.state != OPEN:
+                return
+
+    def _authenticated(self, conn: Conn, identity: bytes) -> None:
+        conn.state = OPEN
+        conn.identity = identity
+        conn.mailbox = wire.mailbox_address(identity)
+        conn.fp = fingerprint(identity)
+        log.info("authenticated %s from %s", conn.fp, conn.addr)
+        conn.fetching = True
+        old = self.ctx.router.register(conn, lambda: self.request_fetch(conn))
+        if old is not None:
+            old.worker.call_soon(old.worker.close, old, "replaced by a newer connection")
+        else:
+            self._presence_changed(conn, online=True)
+        handlers.send_prekey_count(self, conn)
+
+    # --- writing ------------------------------------------------------------------------------
+    def queue_frame(self, conn: Conn, data: bytes) -> None:
+        """Queue one encoded frame; it goes out, coalesced, at the end of this loop turn."""
+        if conn.state != OPEN:
+            return
+        conn.pending.append(data)
+        conn.pending_size += len(data)
+        if not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+
+    def _flush_dirty(self) -> None:
+        dirty = self._dirty
+        self._dirty = []
+        for conn in dirty:
+            conn.dirty = False
+            if conn.state == OPEN:
+                self._guard(conn, self._flush, conn)
+
+    def _flush(self, conn: Conn) -> None:
+        if not conn.pending:
+            return
+        plain = b"".join(conn.pending) if len(conn.pending) > 1 else conn.pending[0]
+        conn.pending.clear()
+        conn.pending_size = 0
+        self._write(conn, conn.noise.send(plain))
+
+    def _write(self, conn: Conn, data: bytes) -> None:
+        if conn.out:
+            conn.out += data
+        else:
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.close(conn, f"write error: {exc.strerror or exc}")
+                return
+            if sent == len(data):
+                return
+            conn.out += memoryview(data)[sent:]
+            self._update_interest(conn)
+        if len(conn.out) > OUT_HARD_LIMIT:
+            self.close(conn, "peer is not reading (output buffer full)")
+        elif conn.reading and len(conn.out) > self.ctx.config.out_high_water:
+            conn.reading = False  # back-pressure: stop reading a peer that does not read
+            self._update_interest(conn)
+
+    def _on_writable(self, conn: Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(conn, f"write error: {exc.strerror or exc}")
+            return
+        del conn.out[:sent]
+        if len(conn.out) <= self.ctx.config.out_low_water:
+            conn.reading = True
+            self.drained(conn)
+        self._update_interest(conn)
+
+    def _update_interest(self, conn: Conn) -> None:
+        if conn.state == CLOSED:
+            return
+        events = (_READ if conn.reading else 0) | (_WRITE if conn.out else 0)
+        if events == 0:
+            events = _READ  # never leave a socket unwatched (EOF must be seen)
+        self.sel.modify(conn.sock, events, conn)
+
+    # --- timers -------------------------------------------------------------------------------
+    def _timers(self) -> None:
+        now = self.now
+        for conn in list(self.awaiting):
+            self._expire_inflight(conn, now)
+        if now < self._next_slow:
+            return
+        self._next_slow = now + _SLOW_TIMERS_S
+        idle = self.ctx.config.idle_timeout
+        for conn in list(self.conns):
+            if conn.state == HANDSHAKE and now > conn.deadline:
+                self.close(conn, "handshake timeout")
+            elif conn.state == OPEN and now - conn.last_rx > idle:
+                self.close(conn, "idle timeout")
+
+    def _expire_inflight(self, conn: Conn, now: float) -> None:
+        expired = []
+        for key, entry in conn.inflight.items():
+            if entry.deadline > now:
+                break
+            expired.append(key)
+        for key in expired:
+            entry = conn.inflight.pop(key)
+            conn.inflight_bytes -= len(entry.copy.payload)
+            conn.sent_stored.add(key)  # the device has it; the store keeps it until acked
+            self.store_copy(entry.copy, force=True, subs=entry.subs)
+        if not conn.inflight:
+            self.awaiting.discard(conn)
+
+    # --- store plumbing -----------------------------------------------------------------------
+    def store_request(
+        self, op: Callable[[st.MailboxStore, int], Any], fn: Callable[..., None]
+    ) -> None:
+        """Run ``op`` in the store thread; ``fn(result or None)`` here after COMMIT."""
+        self.ctx.store.put(st.Request(op=op, poster=self, fn=fn))
+
+    def store_copy(
+        self,
+        copy: Copy,
+        *,
+        force: bool,
+        subs: list[Submission],
+        then: Callable[[int | None], None] | None = None,
+    ) -> None:
+        """Persist one copy; when committed, tell its submissions (and ``then``)."""
+
+        def op(store: st.MailboxStore, now: int) -> int:
+            return store.insert(
+                copy.mailbox, copy.sender, copy.msg_id, copy.ts, copy.payload, force=force
+            )
+
+        def done(result: int | None) -> None:
+            outcome = insert_outcome(result)
+            for sub in subs:
+                resolve(sub, outcome)
+            if then is not None:
+                then(result)
+
+        self.ctx.store.put(st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox))
+
+    def request_fetch(self, conn: Conn) -> None:
+        """Queue a fetch of the next stored rows for ``conn`` (called under the router lock
+        on registration, so it is FIFO-ordered with every offline insert)."""
+        mailbox = conn.mailbox
+        assert mailbox is not None
+        after = conn.cursor
+        conn.fetching = True
+        conn.store_dirty = False
+
+        def op(store: st.MailboxStore, now: int) -> list[st.Row]:
+            return store.fetch(mailbox, after, FETCH_BATCH, now)
+
+        def done(rows: list[st.Row] | None) -> None:
+            self._fetched(conn, rows)
+
+        self.ctx.store.put(st.Request(op=op, poster=self, fn=done))
+
+    def _fetched(self, conn: Conn, rows: list[st.Row] | None) -> None:
+        conn.fetching = False
+        if conn.state != OPEN:
+            return
+        if rows is None:
+            self.close(conn, "relay store failed", (wire.STORE_FAILED, wire.NO_ID))
+            return
+        for seq, sender, msg_id, ts, payload in rows:
+            conn.cursor = seq
+            key = (bytes(sender), bytes(msg_id))
+            if key in conn.sent_stored or key in conn.inflight:
+                continue
+            conn.sent_stored.add(key)
+            self.queue_frame(conn, wire.encode_deliver(key[1], key[0], ts, bytes(payload)))
+        if len(rows) == FETCH_BATCH:
+            conn.store_dirty = True
+        elif not conn.synced:
+            conn.synced = True
+            self.queue_frame(conn, wire.encode(wire.Synced()))
+        self.drained(conn)
+
+    def drained(self, conn: Conn) -> None:
+        """Room in the output again: fetch stored rows, or go live when caught up."""
+        if conn.state != OPEN or conn.backlog() > self.ctx.config.out_low_water:
+            return
+        if conn.store_dirty and not conn.fetching:
+            self.request_fetch(conn)
+        elif not (conn.live or conn.fetching or conn.store_dirty or conn.own_inserts):
+            conn.live = True
+
+    def new_rows(self, conn: Conn) -> None:
+        """Posted by the store thread: rows were committed for this connection's mailbox."""
+        if conn.state == OPEN:
+            conn.store_dirty = True
+            self.drained(conn)
+
+    # --- presence -----------------------------------------------------------------------------
+    def _presence_changed(self, conn: Conn, *, online: bool) -> None:
+        identity = conn.identity
+        assert identity is not None
+        frame = wire.encode(wire.Presence(identity, online))
+        for watcher in self.ctx.router.watchers_of(identity):
+            watcher.worker.call_soon(watcher.worker.queue_frame, watcher, frame)
