@@ -146,8 +146,20 @@ def _add_relay_command(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_client_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     from securechat import demo
-    from securechat.ui import script
+    from securechat.ui import script, talk
 
+    p = sub.add_parser(
+        "talk",
+        help="chat with peers (interactive on a terminal, line by line on a pipe)",
+        description=(
+            "Open a conversation with --peer (several --peer: a group). On a terminal: an "
+            "interactive chat (/help lists commands). On a pipe: each input line is sent, "
+            "received messages are printed as 'NAME: text' (or JSON lines), and at end of "
+            "input it waits until the relay accepted everything."
+        ),
+    )
+    talk.add_arguments(p)
+    p.set_defaults(handler=talk.run)
     script.register(sub)  # type: ignore[arg-type]
     demo.register(sub)  # type: ignore[arg-type]
 

@@ -305,10 +305,13 @@ class Messenger:
             self._serve(link)
 
     def _serve(self, link: RelayLink) -> None:
-        self._link = link
-        self._emit(ConnectionEvent(True, f"connected to {self.relay_address}"))
         try:
-            self._on_connect(link)
+            with self._lock:
+                # Publishing the link and resending the outbox under the lock that
+                # send_text holds while sending keeps every message behind older ones.
+                self._link = link
+                self._on_connect(link)
+            self._emit(ConnectionEvent(True, f"connected to {self.relay_address}"))
             last_ping = time.monotonic()
             while not self._stop.is_set():
                 frames = link.receive(POLL_INTERVAL)
@@ -373,13 +376,13 @@ class Messenger:
                         "sender": self.identity.name, "fp": self.identity.public.fingerprint,
                         "sent_ms": now, "text": text, "out": True,
                     })
-        if self._tap is not None:
-            self._tap("out", frame)
-        link = self._link
-        if link is not None:
-            # On failure it stays in the outbox; the network thread resends on reconnect.
-            with contextlib.suppress(TransportError):
-                link.send([frame])
+            if self._tap is not None:
+                self._tap("out", frame)
+            link = self._link
+            if link is not None:
+                # On failure it stays in the outbox; the network thread resends on reconnect.
+                with contextlib.suppress(TransportError):
+                    link.send([frame])
         return msg_id
 
     def _bundles_for(self, peers: Iterable[keys.PublicIdentity]) -> dict[bytes, x3dh.Bundle]:

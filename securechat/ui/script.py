@@ -8,7 +8,6 @@ the relay has durably accepted every message), diagnostics on stderr only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -26,26 +25,15 @@ from securechat.client.messenger import (
     NoticeEvent,
 )
 from securechat.errors import DeliveryTimeoutError, UsageError
+from securechat.ui.format import json_line, pipe_line
 
 CONNECT_GRACE: Final = 3.0  # seconds send waits for the relay before sealing offline
 DEFAULT_ACK_TIMEOUT: Final = 30.0
 
 
 def format_message(event: MessageEvent, *, as_json: bool) -> str:
-    """One output line for a received message (shared by receive and talk's pipe mode)."""
-    if as_json:
-        return json.dumps({
-            "sender": event.sender_name,
-            "fingerprint": event.sender_fingerprint,
-            "verified": event.verified,
-            "id": event.msg_id.hex(),
-            "time": datetime.fromtimestamp(event.sent_ms / 1000).astimezone().isoformat(),
-            "text": event.text,
-            "group": event.conv if event.group else None,
-        }, ensure_ascii=False)
-    if event.verified:
-        return f"{event.sender_name}: {event.text}"
-    return f"{event.sender_name} [{event.sender_fingerprint}] (unverified): {event.text}"
+    """One output line for a received message: the same lines as talk's pipe mode."""
+    return json_line(event) if as_json else pipe_line(event)
 
 
 class _Printer:

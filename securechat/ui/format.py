@@ -1,0 +1,166 @@
+"""Pure text formatting for ``talk``: message lines, marks, JSON lines, commands.
+
+Kept free of terminals and threads so it is tested directly. Everything that
+comes from the network (message text, and the *name* an unverified sender
+claims) is attacker-controlled, so it passes through :func:`safe` before it
+reaches a terminal: control characters and bidirectional overrides could
+otherwise move the cursor, rewrite earlier lines or disguise a name.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Final
+
+from securechat.client.messenger import (
+    STATUS_ACCEPTED,
+    STATUS_DELIVERED,
+    STATUS_PENDING,
+    MessageEvent,
+)
+
+MARK_PENDING: Final = "…"
+MARK_ACCEPTED: Final = "✓"
+MARK_DELIVERED: Final = "✓✓"
+MARK_REFUSED: Final = "✗ not sent"
+MARKS: Final = {
+    STATUS_PENDING: MARK_PENDING,
+    STATUS_ACCEPTED: MARK_ACCEPTED,
+    STATUS_DELIVERED: MARK_DELIVERED,
+}
+
+DEFAULT_HISTORY: Final = 20  # /history without N
+MAX_HISTORY: Final = 1000  # /history N is clamped to this
+STARTUP_HISTORY: Final = 10  # lines of history shown when talk starts
+
+# Bidirectional embedding/override/isolate controls (Trojan Source, CVE-2021-42574).
+_BIDI: Final = frozenset(
+    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)
+)
+
+QUIT_WORDS: Final = frozenset({"/quit", "/exit", "exit", "/q"})
+COMMANDS: Final = ("help", "quit", "exit", "peers", "fingerprint", "verify", "history", "trust")
+
+HELP_TEXT: Final = (
+    "commands:",
+    "  /help              this list",
+    "  /peers             members, their fingerprints and whether they are online",
+    "  /fingerprint       your own fingerprint (read it to a peer to verify)",
+    "  /verify            the 60-digit safety number with each peer; compare it out of band",
+    "  /history [N]       the last N messages of this conversation (default 20)",
+    "  /trust NAME        accept NAME's new key after verifying it (if it changed)",
+    "  /quit, /exit, exit, Ctrl-D, Ctrl-C   leave (unsent messages stay in the outbox)",
+    "marks on your messages: … pending, ✓ accepted by the relay, ✓✓ delivered to the device",
+)
+
+
+def safe(text: str) -> str:
+    """Make untrusted text printable on one terminal line without side effects."""
+    out = []
+    for ch in text:
+        if ch == "\t":
+            out.append(" ")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs"):
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def sender_label(name: str, fingerprint: str, verified: bool) -> str:
+    """A known peer by name; anyone else with the fingerprint and a warning."""
+    if verified:
+        return safe(name)
+    return f"{safe(name)} [{fingerprint}] (unverified)"
+
+
+def mark(status: int) -> str:
+    return MARKS.get(status, "")
+
+
+def clock(sent_ms: int) -> str:
+    """``HH:MM`` in local time."""
+    return datetime.fromtimestamp(sent_ms / 1000).strftime("%H:%M")
+
+
+def iso_time(sent_ms: int) -> str:
+    """ISO 8601 in local time with its UTC offset and milliseconds (machine-readable)."""
+    moment = datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
+def pipe_line(event: MessageEvent) -> str:
+    """One received message for pipe mode: ``NAME: text``."""
+    label = sender_label(event.sender_name, event.sender_fingerprint, event.verified)
+    return f"{label}: {safe(event.text)}"
+
+
+def json_line(event: MessageEvent) -> str:
+    """One received message as a JSON object on one line (``--json``)."""
+    record = {
+        "sender": event.sender_name,
+        "fingerprint": event.sender_fingerprint,
+        "verified": event.verified,
+        "id": event.msg_id.hex(),
+        "time": iso_time(event.sent_ms),
+        "text": event.text,
+        "group": event.conv if event.group else None,  # the group's id, null for a DM
+    }
+    return json.dumps(record, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A parsed input line that is a command rather than a message."""
+
+    name: str  # one of COMMANDS
+    arg: str = ""
+
+
+def parse_command(line: str) -> Command | None:
+    """``None`` for a message to send; a :class:`Command` otherwise.
+
+    ``//text`` sends ``/text`` literally. An unknown ``/word`` is a command
+    named ``unknown`` so the user is told, instead of it being sent by mistake.
+    """
+    stripped = line.strip()
+    if stripped.lower() in QUIT_WORDS:
+        return Command("quit")
+    if not stripped.startswith("/") or stripped.startswith("//"):
+        return None
+    word, _, arg = stripped[1:].partition(" ")
+    word = word.lower()
+    if word in COMMANDS:
+        return Command("quit" if word == "exit" else word, arg.strip())
+    return Command("unknown", word)
+
+
+def unescape_message(line: str) -> str:
+    """The text to send for a non-command line (``//x`` -> ``/x``)."""
+    stripped = line.strip()
+    return stripped[1:] if stripped.startswith("//") else stripped
+
+
+def history_count(arg: str) -> int:
+    """N for ``/history N``: default when absent; ValueError for junk."""
+    if not arg:
+        return DEFAULT_HISTORY
+    count = int(arg)
+    if count <= 0:
+        raise ValueError("N must be positive")
+    return min(count, MAX_HISTORY)
+
+
+def members_text(names: list[str], online: dict[str, bool]) -> str:
+    """``bob (online), carol (offline)`` for the status line."""
+    parts = []
+    for name in names:
+        state = online.get(name)
+        suffix = "" if state is None else (" (online)" if state else " (offline)")
+        parts.append(f"{safe(name)}{suffix}")
+    return ", ".join(parts)

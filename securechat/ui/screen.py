@@ -1,0 +1,376 @@
+"""The interactive ``talk`` screen: a prompt_toolkit application (shell).
+
+Layout, top to bottom: the scrolling message area, one status line (relay
+state, members with presence, pending outbox count) and the input line.
+Because prompt_toolkit owns the whole screen and redraws it, an incoming
+message never garbles what the user is typing (no ``print`` racing a prompt).
+
+Threads: the messenger reports from its network thread, and ``send_text``
+(which may wait for a peer's prekeys) runs on a one-worker executor so the
+UI never blocks and messages keep their order. Neither thread touches the
+screen state: they put events on a queue and wake the UI loop with
+``call_soon_threadsafe``; only the UI thread mutates :class:`ChatScreen`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final
+
+from prompt_toolkit.application import Application
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.data_structures import Point
+from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.layout import HSplit, Layout, Window
+from prompt_toolkit.layout.controls import FormattedTextControl
+from prompt_toolkit.layout.dimension import Dimension
+from prompt_toolkit.widgets import TextArea
+
+from securechat import envelope, keys, keystore
+from securechat.client import app
+from securechat.client.messenger import (
+    STATUS_PENDING,
+    ConnectionEvent,
+    Conversation,
+    Event,
+    MessageEvent,
+    Messenger,
+    NoticeEvent,
+    PresenceEvent,
+    StatusEvent,
+)
+from securechat.errors import SecureChatError
+from securechat.ui import format as fmt
+from securechat.ui.lines import STYLE, Line, history_line, render
+from securechat.ui.talk import check_peers
+
+MAX_LINES: Final = 2000  # message-area lines kept in memory; older ones scroll away
+MAX_EARLY_STATUS: Final = 1000  # acknowledgements that overtook send_text's return
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    line: Line
+    msg_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _SendFailed:
+    line: Line
+    reason: str
+
+
+class ChatScreen:
+    """State and rendering of one talk session; see the module docstring."""
+
+    def __init__(self, peers: list[keys.PublicIdentity], relay: str) -> None:
+        self._peers = peers
+        self._relay = relay
+        self._events: queue.SimpleQueue[Event | _Sent | _SendFailed] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lines: list[Line] = []
+        self._by_id: dict[bytes, Line] = {}
+        self._early: dict[bytes, int] = {}
+        self._connected = False
+        self._conn_detail = f"connecting to {relay}…"
+        self._online: dict[str, bool] = {}
+        self._pending = 0
+        self._blocked: dict[str, str] = {}  # peer name -> why we refuse to send
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securechat-send")
+        self._messenger: Messenger | None = None
+        self._conv: Conversation | None = None
+        self.input = TextArea(
+            prompt=[("class:prompt", "> ")], multiline=False, wrap_lines=True,
+            height=Dimension(min=1, max=3), accept_handler=self._accept,
+        )
+        self.application: Application[int] = Application(
+            layout=self._layout(), key_bindings=self._bindings(), style=STYLE,
+            full_screen=True, mouse_support=False,
+        )
+
+    # --- from other threads ---------------------------------------------------------------
+
+    def post(self, event: Event | _Sent | _SendFailed) -> None:
+        """Thread-safe: queue an event and wake the UI loop (if it runs yet)."""
+        self._events.put(event)
+        loop = self._loop
+        if loop is not None:
+            # RuntimeError: the loop closed while we were leaving; nothing left to draw.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._drain)
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def attach(self, messenger: Messenger, conv: Conversation) -> None:
+        self._messenger = messenger
+        self._conv = conv
+        me = messenger.identity.public
+        names = ", ".join(fmt.safe(p.name) for p in conv.peers)
+        self._info(f"securechat talk: {fmt.safe(me.name)} with {names}. /help lists commands.")
+        self._blocked = check_peers(messenger, self._peers)
+        for warning in self._blocked.values():
+            self._add(Line("warn", warning))
+        if self._blocked:
+            self._add(Line("warn", "Messages will NOT be sent until you accept the new key "
+                                    "with /trust NAME (or 'securechat trust NAME')."))
+        self._show_history(fmt.STARTUP_HISTORY, header="recent history")
+
+    def run(self) -> int:
+        def started() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._drain()
+
+        try:
+            return self.application.run(pre_run=started) or 0
+        finally:
+            self._loop = None
+            self._sender.shutdown(wait=True)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self._apply(event)
+        if self._messenger is not None:
+            self._pending = self._messenger.pending()
+        self.application.invalidate()
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _apply(self, event: Event | _Sent | _SendFailed) -> None:
+        if isinstance(event, MessageEvent):
+            self._on_message(event)
+        elif isinstance(event, StatusEvent):
+            self._set_status(event.msg_id, event.status)
+        elif isinstance(event, _Sent):
+            self._by_id[event.msg_id] = event.line
+            early = self._early.pop(event.msg_id, None)
+            if early is not None:
+                self._set_status(event.msg_id, early)
+        elif isinstance(event, _SendFailed):
+            event.line.refused = True
+            self._add(Line("error", f"not sent: {event.reason}"))
+        elif isinstance(event, ConnectionEvent):
+            if event.connected != self._connected:
+                self._add(Line("notice", "connected to the relay" if event.connected
+                                else "relay connection lost; messages wait in the outbox"))
+            self._connected = event.connected
+            self._conn_detail = event.detail
+        elif isinstance(event, NoticeEvent):
+            self._add(Line("error" if event.error else "notice", fmt.safe(event.text)))
+        elif isinstance(event, PresenceEvent):
+            before = self._online.get(event.name)
+            if before != event.online:
+                # The first report is a state, later ones are joins and leaves.
+                state = "is online" if event.online else (
+                    "is offline" if before is None else "went offline")
+                self._add(Line("notice", f"{fmt.safe(event.name)} {state}"))
+            self._online[event.name] = event.online
+
+    def _on_message(self, event: MessageEvent) -> None:
+        label = fmt.sender_label(event.sender_name, event.sender_fingerprint, event.verified)
+        other = self._conv is not None and event.conv != self._conv.conv_id
+        self._add(Line("msg", fmt.safe(event.text), fmt.clock(event.sent_ms), label,
+                        "peer" if event.verified else "unverified", other_conv=other))
+
+    def _set_status(self, msg_id: bytes, status: int) -> None:
+        line = self._by_id.get(msg_id)
+        if line is None:
+            if len(self._early) < MAX_EARLY_STATUS:
+                self._early[msg_id] = max(status, self._early.get(msg_id, status))
+            return
+        line.status = max(status, line.status if line.status is not None else status)
+
+    def _add(self, line: Line) -> None:
+        self._lines.append(line)
+        if len(self._lines) > MAX_LINES:
+            del self._lines[: len(self._lines) - MAX_LINES]
+
+    def _info(self, text: str) -> None:
+        self._add(Line("info", text))
+
+    # --- input ----------------------------------------------------------------------------
+
+    def _accept(self, buffer: Buffer) -> bool:
+        command = fmt.parse_command(buffer.text)
+        if command is None:
+            text = fmt.unescape_message(buffer.text)
+            if text:
+                self._send(text)
+        else:
+            self._command(command)
+        return False  # clear the input line
+
+    def _send(self, text: str) -> None:
+        messenger, conv = self._messenger, self._conv
+        assert messenger is not None and conv is not None
+        me = messenger.identity.public.name
+        line = Line("msg", fmt.safe(text), time.strftime("%H:%M"), fmt.safe(me), "own",
+                     status=STATUS_PENDING)
+        self._add(line)
+        if self._blocked:
+            line.refused = True
+            for warning in self._blocked.values():
+                self._add(Line("warn", warning))
+            return
+        if len(text.encode()) > envelope.MAX_TEXT_BYTES:
+            line.refused = True
+            self._add(Line("error", f"too long: at most {envelope.MAX_TEXT_BYTES} bytes"))
+            return
+
+        def work() -> None:
+            try:
+                self.post(_Sent(line, messenger.send_text(conv, text)))
+            except SecureChatError as exc:
+                self.post(_SendFailed(line, str(exc)))
+
+        self._sender.submit(work)
+
+    def _command(self, command: fmt.Command) -> None:
+        messenger, conv = self._messenger, self._conv
+        assert messenger is not None and conv is not None
+        if command.name == "quit":
+            self.application.exit(result=0)
+        elif command.name == "help":
+            for text in fmt.HELP_TEXT:
+                self._info(text)
+        elif command.name == "peers":
+            self._show_peers(messenger, conv)
+        elif command.name == "fingerprint":
+            me = messenger.identity.public
+            self._info(f"your fingerprint ({fmt.safe(me.name)}): {me.fingerprint}")
+        elif command.name == "verify":
+            me = messenger.identity.public
+            for peer in conv.peers:
+                self._info(f"safety number with {fmt.safe(peer.name)}: "
+                           f"{keys.safety_number(me, peer)}")
+            self._info("compare it with each peer in person or by phone; equal numbers mean "
+                       "no one is in the middle")
+        elif command.name == "history":
+            try:
+                count = fmt.history_count(command.arg)
+            except ValueError:
+                self._add(Line("error", "usage: /history [N] with N a positive number"))
+                return
+            self._show_history(count, header=f"last {count} messages")
+        elif command.name == "trust":
+            self._trust(messenger, command.arg)
+        else:
+            self._add(Line("error", f"unknown command /{fmt.safe(command.arg)}: /help lists "
+                                     "the commands (start a message with // to send a '/')"))
+
+    def _show_peers(self, messenger: Messenger, conv: Conversation) -> None:
+        for peer in conv.peers:
+            online = self._online.get(peer.name)
+            state = "presence unknown" if online is None else ("online" if online else "offline")
+            flag = "  KEY CHANGED, not trusted" if peer.name in self._blocked else ""
+            self._info(f"{fmt.safe(peer.name):<12} {peer.fingerprint}  {state}{flag}")
+
+    def _show_history(self, count: int, *, header: str) -> None:
+        messenger, conv = self._messenger, self._conv
+        assert messenger is not None and conv is not None
+        records = messenger.history(conv.conv_id, count)
+        if not records:
+            return
+        self._add(Line("notice", f"── {header} ──"))
+        for record in records:
+            self._add(history_line(record, self._by_id))
+        self._add(Line("notice", "──"))
+
+    def _trust(self, messenger: Messenger, name: str) -> None:
+        if not name:
+            self._add(Line("error", "usage: /trust NAME (the peer whose new key you verified)"))
+            return
+        try:
+            peer = keystore.load_public(name)
+            replaced = messenger.peers.trust(peer)
+        except SecureChatError as exc:
+            self._add(Line("error", fmt.safe(str(exc))))
+            return
+        what = "now trusted (the old key is forgotten)" if replaced else "trusted"
+        self._info(f"{fmt.safe(peer.name)}'s key {peer.fingerprint} is {what}")
+        self._blocked = check_peers(messenger, self._peers)
+
+    # --- rendering ------------------------------------------------------------------------
+
+    def _layout(self) -> Layout:
+        messages = Window(
+            FormattedTextControl(self._message_fragments, focusable=False,
+                                 get_cursor_position=self._last_line),
+            wrap_lines=True,
+        )
+        status = Window(FormattedTextControl(self._status_fragments), height=1,
+                        style="class:status")
+        return Layout(HSplit([messages, status, self.input]), focused_element=self.input)
+
+    def _last_line(self) -> Point:
+        return Point(0, max(0, len(self._lines) - 1))
+
+    def _message_fragments(self) -> StyleAndTextTuples:
+        out: StyleAndTextTuples = []
+        for line in self._lines:
+            out.extend(render(line))
+            out.append(("", "\n"))
+        if out:
+            out.pop()
+        return out
+
+    def _status_fragments(self) -> StyleAndTextTuples:
+        if self._connected:
+            state = [("class:status.online", " ● connected "), ("class:status", self._relay)]
+        else:
+            state = [("class:status.offline", " ○ offline "),
+                     ("class:status", fmt.safe(self._conn_detail)[:60])]
+        names = [p.name for p in self._peers]
+        parts: StyleAndTextTuples = [
+            *state,
+            ("class:status", f" │ with {fmt.members_text(names, self._online)}"),
+        ]
+        parts.append(("class:status", f" │ {self._pending} pending"))
+        if self._blocked:
+            parts.append(("class:status.offline", " KEY CHANGED: not sending "))
+        parts.append(("class:status", " │ /help"))
+        return parts
+
+    def _bindings(self) -> KeyBindings:
+        bindings = KeyBindings()
+
+        @bindings.add("c-c")
+        def _interrupt(event: KeyPressEvent) -> None:
+            event.app.exit(result=0)
+
+        @bindings.add("c-d")
+        def _eof(event: KeyPressEvent) -> None:
+            if self.input.buffer.text:
+                self.input.buffer.delete()
+            else:
+                event.app.exit(result=0)
+
+        return bindings
+
+
+def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
+    """Open the client, run the screen until the user leaves, report what is still queued."""
+    screen = ChatScreen(peers, relay)
+    with app.open_client(
+        args.key, relay, args.relay_key, screen.post,
+        keep_history=not args.no_history, watch=peers,
+    ) as client:
+        conv = client.conversation(peers)
+        screen.attach(client.messenger, conv)
+        code = screen.run()
+        pending = client.messenger.pending()
+    if pending:
+        print(f"{pending} message{'s' if pending != 1 else ''} not yet accepted by the relay "
+              "stay in the outbox; they will be sent the next time you run talk or send")
+    return code
+

@@ -1,0 +1,196 @@
+"""``securechat talk``: chat with one peer or a group, on a terminal or through a pipe.
+
+On a terminal (stdin and stdout are TTYs) this opens the prompt_toolkit
+screen of :mod:`securechat.ui.screen`. Otherwise it is a filter for scripts:
+each input line is sent as one message, each received message is printed as
+one line (``NAME: text``, or a JSON object with ``--json``), and at the end of
+input it waits until the relay has accepted every message it sent, so exit
+status 0 means "nothing is left only on this machine".
+
+The engine (:class:`~securechat.client.messenger.Messenger`) runs its own
+network thread and reports through a callback; this module only turns those
+events into output and input lines into ``send_text`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Final, TextIO
+
+from securechat import envelope, keys
+from securechat.client import app
+from securechat.client.link import parse_address
+from securechat.client.messenger import (
+    Conversation,
+    Event,
+    MessageEvent,
+    Messenger,
+    NoticeEvent,
+)
+from securechat.errors import (
+    DeliveryTimeoutError,
+    PeerKeyChangedError,
+    RelayUnreachableError,
+    SessionError,
+    UsageError,
+)
+from securechat.ui import format as fmt
+
+DEFAULT_TIMEOUT: Final = 30.0  # --timeout: seconds to wait for the relay's acknowledgements
+CONNECT_GRACE: Final = 3.0  # pipe mode: wait this long for the relay before sealing offline
+SYNC_WAIT: Final = 3.0  # pipe mode: at most this long for the relay's stored messages
+LINGER: Final = 0.5  # pipe mode: late incoming messages after everything is acknowledged
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``securechat talk`` (the caller creates the sub-parser)."""
+    parser.add_argument(
+        "--peer", action="append", required=True, metavar="NAME|FILE",
+        help="who to talk to (a .pub file or a name in the key directory); repeat for a group",
+    )
+    parser.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
+    parser.add_argument(
+        "--relay", metavar="HOST:PORT",
+        help=f"relay address (default: ${app.ENV_RELAY} or {app.DEFAULT_RELAY})",
+    )
+    parser.add_argument("--relay-key", metavar="FILE", help="pin the relay's public key file")
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print received messages as JSON lines (pipe mode, even on a terminal)",
+    )
+    parser.add_argument(
+        "--no-history", action="store_true", help="do not keep this session in local history"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help="pipe mode: how long to wait at end of input for the relay to accept every "
+        f"message (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``securechat talk``; raises our errors, returns the exit code."""
+    relay = args.relay or app.default_relay()
+    try:
+        parse_address(relay)
+    except RelayUnreachableError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.timeout is None or not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+    peers = app.load_peers(args.peer)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
+    if interactive:
+        from securechat.ui.screen import run_screen
+
+        return run_screen(args, relay, peers)
+    return _run_pipe(args, relay, peers)
+
+
+def check_peers(messenger: Messenger, peers: list[keys.PublicIdentity]) -> dict[str, str]:
+    """Record new peers (trust on first use); return ``{name: warning}`` for changed keys."""
+    warnings = {}
+    for peer in peers:
+        try:
+            messenger.peers.check(peer)
+        except PeerKeyChangedError as exc:
+            warnings[peer.name] = str(exc)
+    return warnings
+
+
+# --- pipe mode ------------------------------------------------------------------------------
+
+
+class _PipePrinter:
+    """Prints events from the network thread, one flushed line each, never interleaved."""
+
+    def __init__(self, out: TextIO, err: TextIO, as_json: bool) -> None:
+        self._out = out
+        self._err = err
+        self._json = as_json
+        self._lock = threading.Lock()
+        self.closed = False  # stdout went away (e.g. piped into `head`)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, MessageEvent):
+            line = fmt.json_line(event) if self._json else fmt.pipe_line(event)
+            self._write(self._out, line)
+        elif isinstance(event, NoticeEvent) and event.error:
+            self._write(self._err, f"securechat: warning: {fmt.safe(event.text)}")
+
+    def _write(self, stream: TextIO, line: str) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.closed = True
+
+
+def _input_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
+    """Numbered non-empty lines; a blank line is not a message."""
+    for number, raw in enumerate(stream, start=1):
+        line = raw.rstrip("\r\n")
+        if line.strip():
+            yield number, line
+
+
+def _run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
+    printer = _PipePrinter(sys.stdout, sys.stderr, args.json)
+    with app.open_client(
+        args.key, relay, args.relay_key, printer,
+        keep_history=not args.no_history, watch=peers,
+    ) as client:
+        messenger = client.messenger
+        warnings = check_peers(messenger, peers)
+        if warnings:
+            raise PeerKeyChangedError(next(iter(warnings.values())))
+        conv = client.conversation(peers)
+        # Give the relay a moment first: a session started online uses the peer's
+        # prekeys (stronger than the offline start), and the outbox left by an
+        # earlier run goes out before the new lines, so order is kept.
+        messenger.synced.wait(min(CONNECT_GRACE, args.timeout))
+        refused = _send_lines(messenger, conv, sys.stdin)
+        _finish(messenger, relay, args.timeout, printer)
+        if refused is not None:
+            raise refused
+    return 0
+
+
+def _send_lines(messenger: Messenger, conv: Conversation, stream: TextIO) -> UsageError | None:
+    """Send each line; stop at the first one that cannot be sent and say which."""
+    for number, line in _input_lines(stream):
+        if len(line.encode()) > envelope.MAX_TEXT_BYTES:
+            return UsageError(
+                f"input line {number} is longer than {envelope.MAX_TEXT_BYTES} bytes; it and "
+                "the lines after it were not sent (the lines before it were)"
+            )
+        try:
+            messenger.send_text(conv, line)
+        except SessionError as exc:
+            return UsageError(f"input line {number} was not sent: {exc}")
+        if messenger.fatal is not None:
+            raise messenger.fatal
+    return None
+
+
+def _finish(messenger: Messenger, relay: str, timeout: float, printer: _PipePrinter) -> None:
+    """Wait for the relay's acknowledgements, then briefly for incoming messages."""
+    if not messenger.wait_all_accepted(timeout):
+        if messenger.fatal is not None:
+            raise messenger.fatal
+        pending = messenger.pending()
+        state = "unreachable" if not messenger.connected else "did not acknowledge in time"
+        raise DeliveryTimeoutError(
+            f"relay {relay} {state} after {timeout:g}s: {pending} message"
+            f"{'' if pending == 1 else 's'} kept in the outbox; they will be sent the next "
+            "time you run talk or send"
+        )
+    messenger.synced.wait(SYNC_WAIT)
+    if not printer.closed:
+        time.sleep(LINGER)

@@ -1,0 +1,156 @@
+"""Real processes for the talk tests: a relay subprocess and the securechat CLI.
+
+Run as a script, this file is the CLI itself (``python tests/relay_fixture.py
+ARGS`` == ``securechat ARGS``); it only adds the ``relay`` and ``talk``
+sub-commands if ``cli.py`` does not wire them yet, so the tests run the same
+code either way.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+START_TIMEOUT = 15.0
+
+
+def cli_cmd() -> list[str]:
+    return [sys.executable, str(HERE)]
+
+
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECURECHAT_")}
+    env["SECURECHAT_HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def run(
+    home: Path, *args: str, input: str = "", timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``securechat ARGS`` with stdin a pipe (so talk is in pipe mode)."""
+    return subprocess.run(
+        [*cli_cmd(), *args], input=input, capture_output=True, text=True,
+        timeout=timeout, env=env_for(home), cwd=home.parent,
+    )
+
+
+def keygen(home: Path, *names: str, force: bool = False) -> None:
+    """What ``securechat keygen NAME --no-passphrase`` does, in-process (it is faster)."""
+    from securechat import keys, keystore
+
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in names:
+        identity = keys.generate_identity(name, os.urandom(keys.SEED_SIZE))
+        private = keys.encode_private_key(identity, None, None).encode()
+        public = (identity.public.to_line() + "\n").encode()
+        keystore.write_new_file(home / f"{name}.key", private, mode=0o600, force=force)
+        keystore.write_new_file(home / f"{name}.pub", public, mode=0o644, force=force)
+
+
+@dataclass
+class Relay:
+    """``securechat relay`` on a free loopback port, stoppable and restartable."""
+
+    data: Path
+    proc: subprocess.Popen[str]
+    address: str
+
+    @classmethod
+    def start(cls, data: Path, port: int = 0) -> Relay:
+        proc = subprocess.Popen(
+            [*cli_cmd(), "relay", "--host", "127.0.0.1", "--port", str(port),
+             "--data", str(data), "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env_for(data.parent / "relay-home"),
+        )
+        assert proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(timeout=deadline - time.monotonic()):
+                    continue
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                if "listening on " in line:
+                    address = line.split("listening on ", 1)[1].split()[0]
+                    return cls(data, proc, address)
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        raise RuntimeError(f"relay did not start: {err}")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return self.proc.returncode
+
+    def restart(self) -> Relay:
+        """Stop and start again on the same port with the same data (and key)."""
+        self.stop()
+        return Relay.start(self.data, self.port)
+
+
+def talk(
+    home: Path, key: str, peers: Sequence[str], relay: Relay, lines: Sequence[str] = (),
+    extra: Sequence[str] = (), timeout: float = 30,
+) -> subprocess.CompletedProcess[str]:
+    """One pipe-mode talk run: send ``lines``, print what arrives, wait for acks."""
+    args = ["talk", "--key", key, "--relay", relay.address]
+    for peer in peers:
+        args += ["--peer", peer]
+    text = "".join(line + "\n" for line in lines)
+    return run(home, *args, *extra, input=text, timeout=timeout)
+
+
+def _main() -> int:
+    from securechat import cli
+
+    original = cli.build_parser
+
+    def build_parser() -> cli._Parser:
+        parser = original()
+        sub: Any = next(a for a in parser._actions if a.dest == "command")
+        choices = sub.choices or {}
+        if "relay" not in choices:
+            cli._add_relay_command(sub)
+        if "talk" not in choices:
+            from securechat.ui import talk as talk_ui
+
+            p = sub.add_parser("talk")
+            talk_ui.add_arguments(p)
+            p.set_defaults(handler=talk_ui.run)
+        return parser
+
+    cli.build_parser = build_parser
+    return cli.main()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(_main())
