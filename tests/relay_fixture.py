@@ -1,10 +1,4 @@
-"""Real processes for the talk tests: a relay subprocess and the securechat CLI.
-
-Run as a script, this file is the CLI itself (``python tests/relay_fixture.py
-ARGS`` == ``securechat ARGS``); it only adds the ``relay`` and ``talk``
-sub-commands if ``cli.py`` does not wire them yet, so the tests run the same
-code either way.
-"""
+"""Real processes for the client tests: a relay subprocess and the securechat CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +11,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -25,7 +18,8 @@ START_TIMEOUT = 15.0
 
 
 def cli_cmd() -> list[str]:
-    return [sys.executable, str(HERE)]
+    """The real command line, as ``python -m securechat``."""
+    return [sys.executable, "-m", "securechat"]
 
 
 def env_for(home: Path, **extra: str) -> dict[str, str]:
@@ -126,31 +120,3 @@ def talk(
         args += ["--peer", peer]
     text = "".join(line + "\n" for line in lines)
     return run(home, *args, *extra, input=text, timeout=timeout)
-
-
-def _main() -> int:
-    from securechat import cli
-
-    original = cli.build_parser
-
-    def build_parser() -> cli._Parser:
-        parser = original()
-        sub: Any = next(a for a in parser._actions if a.dest == "command")
-        choices = sub.choices or {}
-        if "relay" not in choices:
-            cli._add_relay_command(sub)
-        if "talk" not in choices:
-            from securechat.ui import talk as talk_ui
-
-            p = sub.add_parser("talk")
-            talk_ui.add_arguments(p)
-            p.set_defaults(handler=talk_ui.run)
-        return parser
-
-    cli.build_parser = build_parser
-    return cli.main()
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    sys.exit(_main())

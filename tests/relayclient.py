@@ -27,15 +27,6 @@ from securechat.errors import ConnectionClosedError, RelayKeyChangedError
 from securechat.noise import NoiseConnection
 
 LISTEN_RE = re.compile(r"listening on ([0-9.]+):(\d+) key (\S+)")
-RELAY_ENTRY = (
-    "import sys, argparse\n"
-    "from securechat.relay.server import add_arguments, run_relay\n"
-    "p = argparse.ArgumentParser(prog='securechat relay')\n"
-    "add_arguments(p)\n"
-    "sys.exit(run_relay(p.parse_args(sys.argv[1:])))\n"
-)
-
-
 def new_identity() -> tuple[bytes, bytes]:
     """A fresh (private, public) X25519 pair."""
     private = os.urandom(32)
@@ -187,10 +178,7 @@ class RelayProcess:
         cls, data_dir: Path, *args: str, port: int = 0, timeout: float = 15.0
     ) -> RelayProcess:
         argv = ["--port", str(port), "--data", str(data_dir), *args]
-        use_cli = os.environ.get("SECURECHAT_RELAY_VIA_CLI", "1") == "1" and _cli_has_relay()
-        cmd = [sys.executable, "-m", "securechat", "relay", *argv] if use_cli else [
-            sys.executable, "-c", RELAY_ENTRY, *argv
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "securechat", "relay", *argv]
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -232,19 +220,3 @@ class RelayProcess:
     def restart(self) -> RelayProcess:
         """Start again on the same port and data directory (after stop or kill)."""
         return RelayProcess.start(self.data_dir, *self.args, port=self.port)
-
-
-_CLI_CHECKED: list[bool] = []
-
-
-def _cli_has_relay() -> bool:
-    if not _CLI_CHECKED:
-        try:
-            from securechat import cli
-
-            parser = cli.build_parser()
-            parser.parse_args(["relay", "--port", "0"])
-            _CLI_CHECKED.append(True)
-        except BaseException:
-            _CLI_CHECKED.append(False)
-    return _CLI_CHECKED[0]
