@@ -18,7 +18,7 @@ only turn an attack into a guessing game).
 
 The module is pure: no sockets, threads, clocks or files. The relay and the
 client feed it bytes and get frames; they encode frames and send the bytes.
-Frame types and body layouts are listed in ``docs/protocol-relay.md``.
+Frame types and body layouts are listed in ``docs/protocol.md`` section 3.1.
 """
 
 from __future__ import annotations

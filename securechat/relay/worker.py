@@ -11,7 +11,7 @@ Connection states::
     HANDSHAKE --(Noise XX complete)--> OPEN --(error, EOF, timeout, shutdown)--> CLOSED
     HANDSHAKE --(bad record, deadline, EOF)----------------------------------> CLOSED
 
-A recipient connection's delivery mode (see ``docs/protocol-relay.md``)::
+A recipient connection's delivery mode (see ``docs/protocol.md`` section 3.3)::
 
     STORE --(fetch returned the last stored row, no insert pending, buffer has room)--> LIVE
     LIVE  --(buffer above high water or too many unacked)--> STORE

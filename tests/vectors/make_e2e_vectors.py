@@ -1,7 +1,7 @@
 """Regenerate tests/vectors/e2e_*.json: fixed randomness in, exact bytes out.
 
 Run from the repository root: ``python tests/vectors/make_e2e_vectors.py``.
-The files are meant for a second implementation of docs/protocol-e2e.md: every
+The files are meant for a second implementation of docs/protocol.md section 4: every
 secret input is listed, every intermediate value a reimplementer needs to debug
 (DH outputs, KDF outputs, AEAD key/nonce) is listed, and each record names its
 expected outcome (``ok``, ``authentication_error``). ``tests/test_e2e_vectors.py``
