@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from relayclient import PipeDrain
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 START_TIMEOUT = 15.0
@@ -61,6 +63,7 @@ class Relay:
     data: Path
     proc: subprocess.Popen[str]
     address: str
+    log: PipeDrain | None = None  # the relay's stderr, read continuously (see PipeDrain)
 
     @classmethod
     def start(cls, data: Path, port: int = 0) -> Relay:
@@ -82,7 +85,8 @@ class Relay:
                     break
                 if "listening on " in line:
                     address = line.split("listening on ", 1)[1].split()[0]
-                    return cls(data, proc, address)
+                    assert proc.stderr is not None
+                    return cls(data, proc, address, PipeDrain(proc.stderr))
         proc.kill()
         _, err = proc.communicate(timeout=5)
         raise RuntimeError(f"relay did not start: {err}")
@@ -99,6 +103,8 @@ class Relay:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        if self.log is not None:
+            self.log.text()  # the pipe reached EOF: the reader thread is done with it
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

@@ -15,11 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from securechat import dh, wire
 from securechat.encoding import decode_token
@@ -159,12 +161,37 @@ class RelayClient:
             return seen + list(self.frames)
 
 
+class PipeDrain:
+    """Reads a child's pipe continuously so the child never blocks on a full pipe.
+
+    A relay that logs a line per connection fills a 64 KiB pipe within a few
+    hundred connections; if nobody reads it, its worker threads block in the
+    logging call and look exactly like a relay that lost a message.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._chunks: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._chunks.append(line)
+
+    def text(self, timeout: float = 5.0) -> str:
+        self._thread.join(timeout)
+        return "".join(self._chunks)
+
+
 class RelayProcess:
     """``securechat relay`` as a subprocess on a free loopback port."""
 
     def __init__(self, proc: subprocess.Popen[str], host: str, port: int, fp: str,
                  data_dir: Path, args: list[str]) -> None:  # fmt: skip
         self.proc = proc
+        assert proc.stderr is not None and proc.stdout is not None
+        self._stderr = PipeDrain(proc.stderr)
+        self._stdout = PipeDrain(proc.stdout)
         self.host = host
         self.port = port
         self.fingerprint = fp
@@ -208,11 +235,11 @@ class RelayProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate(timeout=5)
-        return self.proc.returncode, err
+            self.proc.wait(timeout=5)
+        return self.proc.returncode, self._stderr.text()
 
     def kill(self) -> str:
         return self.stop(signal.SIGKILL)[1]
