@@ -53,8 +53,11 @@ def _parse(text: str, path: Path) -> bytes:
     fields = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
     if set(fields) != {"secret", "public"}:
         raise CorruptKeyError(f"{path} must have exactly a 'secret' and a 'public' line")
-    private = decode_token(fields["secret"], SECRET_PREFIX, dh.KEY_SIZE)
-    public = decode_token(fields["public"], PUBLIC_PREFIX, dh.KEY_SIZE)
+    try:
+        private = decode_token(fields["secret"], SECRET_PREFIX, dh.KEY_SIZE)
+        public = decode_token(fields["public"], PUBLIC_PREFIX, dh.KEY_SIZE)
+    except CorruptKeyError as exc:
+        raise CorruptKeyError(f"{path}: {exc}") from exc
     if dh.public_key(private) != public:
         raise CorruptKeyError(f"{path}: the public line does not match the secret key")
     return private

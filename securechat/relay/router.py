@@ -158,7 +158,7 @@ def recent_key(mailbox: bytes, sender: bytes, msg_id: bytes) -> bytes:
 
 def insert_outcome(result: int | None) -> Outcome:
     """Map a store insert result (None: the store failed) to a copy outcome."""
-    if result is None:
+    if result is None or result == st.LOW_SPACE:
         return -wire.STORE_FAILED
     if result == st.OVER_QUOTA:
         return -wire.QUOTA_EXCEEDED

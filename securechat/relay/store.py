@@ -43,11 +43,20 @@ log = logging.getLogger("securechat.relay")
 SCHEMA_VERSION: Final = 1
 DB_FILE: Final = "relay.sqlite3"
 PAGE_SIZE: Final = 4096
+WAL_SIZE_LIMIT: Final = 1024 * 1024  # bytes kept of the WAL after a checkpoint
+WAL_AUTOCHECKPOINT_PAGES: Final = 128  # 512 KiB of WAL between checkpoints
+SQLITE_FULL: Final = 13  # SQLite's result code for "database or disk is full"
 
 # Insert results
 INSERTED: Final = 1
 DUPLICATE: Final = 2
 OVER_QUOTA: Final = 3
+LOW_SPACE: Final = 4  # refused: the disk is full and the reserve is spent
+RESERVE_FILE: Final = "relay.reserve"
+# Space held back for a full disk: released so that acknowledgements (deletes)
+# and the WAL checkpoint that frees space can still be written.
+RESERVE_BYTES: Final = 128 * 1024
+SPACE_CHECK_S: Final = 0.5  # how often a store in low-space mode retries the reserve
 FAILED: Final = 4
 
 _SCHEMA: Final = """
@@ -87,6 +96,8 @@ class MailboxStore:
     def __init__(self, path: Path, config: RelayConfig) -> None:
         self._config = config
         self._ttl_ms = int(config.ttl * 1000)
+        self._reserve = path.with_name(RESERVE_FILE)
+        self.low_space = not self.restore_reserve(headroom=0)
         try:
             # Created 0600 before SQLite opens it; its -wal/-shm files copy the mode.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -102,6 +113,12 @@ class MailboxStore:
         db = self.db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if self._config.sync_full else 'NORMAL'}")
+        # After each checkpoint the WAL is cut back to this size, so space freed by
+        # acknowledged (deleted) frames really returns to the disk.
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # Checkpoint often enough that the WAL never holds most of a full disk: a
+        # checkpoint needs room in the main file for the pages it moves there.
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
@@ -110,6 +127,48 @@ class MailboxStore:
         if self._config.store_max_bytes:
             pages = max(self._config.store_max_bytes // PAGE_SIZE, 1)
             db.execute(f"PRAGMA max_page_count={pages}")
+
+    def release_reserve(self) -> bool:
+        """The disk is full: free the reserve and stop accepting new frames."""
+        self.low_space = True
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("cannot release the store's disk reserve: %s", exc)
+            return False
+        return True
+
+    def restore_reserve(self, *, headroom: int = RESERVE_BYTES) -> bool:
+        """Re-create the reserve; True when it exists (so new frames may be stored).
+
+        ``headroom``: free space that must remain beside it (after a full disk,
+        taking the reserve back must not leave the disk full again).
+        """
+        try:
+            if self._reserve.stat().st_size >= RESERVE_BYTES:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fs = os.statvfs(self._reserve.parent)
+        except OSError:
+            return False
+        if fs.f_bavail * fs.f_frsize < RESERVE_BYTES + headroom:
+            return False  # taking the reserve back now would leave the disk full again
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, bytes(RESERVE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+            return False
+        return True
 
     def recount(self) -> None:
         rows = self.db.execute(
@@ -129,6 +188,8 @@ class MailboxStore:
         ``force`` skips the quota: used for a copy that was already delivered
         live but not acknowledged in time, which must not be lost.
         """
+        if self.low_space:
+            return LOW_SPACE
         usage = self.usage.get(mailbox)
         if usage is None:
             usage = self.usage[mailbox] = [0, 0]
@@ -239,6 +300,7 @@ class StoreThread:
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="relay-store", daemon=True)
         self._next_purge = 0.0
+        self._next_space_check = 0.0
         self.batches = 0  # for tests and the benchmark: commits so far
 
     def start(self) -> None:
@@ -283,6 +345,12 @@ class StoreThread:
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
+        if self._store.low_space and now >= self._next_space_check:
+            self._next_space_check = now + SPACE_CHECK_S
+            self._reclaim_wal()
+            if self._store.restore_reserve():
+                self._store.low_space = False
+                log.warning("disk space is back: accepting new frames again")
         if now < self._next_purge:
             return
         self._next_purge = now + self._config.purge_interval
@@ -305,6 +373,8 @@ class StoreThread:
         except sqlite3.Error as exc:
             log.warning("store batch of %d failed (%s); retrying one by one", len(batch), exc)
             self._rollback()
+            if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                self._reclaim_wal()
             for req in batch:
                 self._run_alone(req, now_ms)
         self.batches += 1
@@ -327,6 +397,22 @@ class StoreThread:
             log.warning("store request failed: %s", exc)
             req.failed = True
             self._rollback()
+
+    def _reclaim_wal(self) -> None:
+        """On a full disk: release the reserve, fold the WAL into the database, truncate it.
+
+        Without this a full disk stays full: the deletes that acknowledgements
+        would make, and the checkpoint that returns WAL space, both need room to
+        be written. The store refuses new frames (STORE_FAILED, senders retry)
+        until the reserve can be re-created.
+        """
+        if self._store.release_reserve():
+            log.warning("disk full: released the %d KiB reserve; refusing new frames until "
+                        "space returns", RESERVE_BYTES // 1024)
+        try:
+            self._store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("store checkpoint on a full disk failed: %s", exc)
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
