@@ -1,0 +1,160 @@
+"""Fuzz the end-to-end layer's byte parsers: stored state and incoming payloads.
+
+Invariant: any bytes give a result or a ``SecureChatError`` (our tree), never
+another exception; a rejected payload leaves the state unchanged. The first
+input byte picks the target, the rest is the input:
+
+    0  E2EState.deserialize (the client state blob, decrypted from disk)
+    1  E2EState.decrypt from a known peer with a live session (envelope + ratchet)
+    2  E2EState.decrypt from an unknown sender (initial-message / X3DH path)
+    3  envelope.decode_content (padded plaintext record after decryption)
+
+Run (needs ``atheris``):  python fuzz/fuzz_state.py fuzz/corpus/state
+Without atheris:         python fuzz/fuzz_state.py --replay [N]
+                         python fuzz/fuzz_state.py --make-corpus
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from securechat import envelope
+from securechat.e2e import Content, E2EState, parse_bundle
+from securechat.errors import SecureChatError
+from securechat.keys import Identity, generate_identity
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "state"
+
+
+def _rng(label: str) -> Callable[[int], bytes]:
+    counter = [0]
+
+    def rng(n: int) -> bytes:
+        counter[0] += 1
+        return hashlib.shake_256(f"{label}/{counter[0]}".encode()).digest(n)
+
+    return rng
+
+
+def _identity(name: str) -> Identity:
+    return generate_identity(name, hashlib.sha512(f"fuzz {name}".encode()).digest())
+
+
+ALICE, BOB, EVE = _identity("alice"), _identity("bob"), _identity("eve")
+
+
+def _conversation() -> tuple[bytes, list[bytes], list[bytes]]:
+    """A short deterministic alice<->bob exchange: bob's state, payloads alice sent, bob's."""
+    rng = _rng("conv")
+    alice, bob = E2EState.new(ALICE), E2EState.new(BOB)
+    signed, otks = bob.make_prekeys(rng, 0, one_time=2)
+    bundle = parse_bundle(signed, otks[0])
+    to_bob, to_alice = [], []
+    for i in range(3):
+        content = Content(rng(16), i, f"hello bob {i}")
+        to_bob.append(alice.encrypt(BOB.public, content, rng, i, bundle if i == 0 else None))
+    for p in to_bob[:2]:
+        bob.decrypt(ALICE.public.dh, p, 10)
+    to_alice.append(bob.encrypt(ALICE.public, Content(rng(16), 11, "hi alice"), rng, 11))
+    return bob.serialize(), to_bob, to_alice
+
+
+_BOB_STATE, _TO_BOB, _TO_ALICE = _conversation()
+
+
+def _deserialize(body: bytes) -> None:
+    state = E2EState.deserialize(BOB, body)
+    assert E2EState.deserialize(BOB, state.serialize()).serialize() == state.serialize()
+
+
+def _decrypt_as(sender: Identity, body: bytes) -> None:
+    bob = E2EState.deserialize(BOB, _BOB_STATE)
+    try:
+        bob.decrypt(sender.public.dh, body, 20)
+    except SecureChatError:
+        assert bob.serialize() == _BOB_STATE, "a rejected payload changed the state"
+        raise
+
+
+def _content(body: bytes) -> None:
+    content = envelope.decode_content(body)
+    assert envelope.decode_content(envelope.encode_content(content)) == content
+
+
+_TARGETS: tuple[Callable[[bytes], None], ...] = (
+    _deserialize,
+    lambda body: _decrypt_as(ALICE, body),
+    lambda body: _decrypt_as(EVE, body),
+    _content,
+)
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    with contextlib.suppress(SecureChatError):
+        _TARGETS[data[0] % len(_TARGETS)](data[1:])
+
+
+def make_corpus() -> int:
+    CORPUS.mkdir(parents=True, exist_ok=True)
+    seeds = {
+        "state_bob": b"\x00" + _BOB_STATE,
+        "state_new": b"\x00" + E2EState.new(BOB).serialize(),
+        "msg_initial_0": b"\x01" + _TO_BOB[0],
+        "msg_initial_2": b"\x01" + _TO_BOB[2],
+        "msg_unknown_sender": b"\x02" + _TO_BOB[0],
+        "content_plain": b"\x03" + envelope.encode_content(Content(bytes(16), 1, "x")),
+        "content_group": b"\x03" + envelope.encode_content(Content(
+            bytes(16), 2, "group hi", envelope.Group(bytes(16), (ALICE.public.dh, BOB.public.dh))
+        )),
+    }
+    for name, blob in seeds.items():
+        (CORPUS / name).write_bytes(blob)
+    print(f"wrote {len(seeds)} seeds to {CORPUS}")
+    return 0
+
+
+def replay(rounds: int, seed: int = 1) -> int:
+    seeds = [p.read_bytes() for p in sorted(CORPUS.iterdir())]
+    rng = random.Random(seed)
+    for s in seeds:
+        test_one_input(s)
+    for _ in range(rounds):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(1, len(data))
+            op = rng.random()
+            if op < 0.6:
+                data[pos] ^= 1 << rng.randrange(8)
+            elif op < 0.8:
+                del data[pos : pos + rng.randrange(1, 64)]
+            else:
+                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
+        test_one_input(bytes(data))
+    print(f"replayed {len(seeds)} seeds and {rounds} mutations: ok")
+    return 0
+
+
+def main() -> int:
+    if "--make-corpus" in sys.argv:
+        return make_corpus()
+    if "--replay" in sys.argv:
+        idx = sys.argv.index("--replay")
+        rounds = int(sys.argv[idx + 1]) if len(sys.argv) > idx + 1 else 5000
+        return replay(rounds)
+    import atheris  # type: ignore[import-untyped]
+
+    atheris.instrument_all()
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
