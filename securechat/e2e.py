@@ -34,12 +34,13 @@ most recently used first. The first one sends. Rules:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
+
+from cryptography.hazmat.primitives import hashes
 
 from securechat import dh, envelope, ratchet, x3dh
 from securechat.envelope import Content, Group, Reader
@@ -73,6 +74,7 @@ STATE_MAGIC: Final = b"SCE2E"
 STATE_VERSION: Final = 1
 DIGEST_SIZE: Final = 16
 _DIGEST_KEY: Final = b"securechat/v1/payload-digest"
+_DIGEST_ALGORITHM: Final = hashes.BLAKE2b(64)
 _U8: Final = struct.Struct(">B")
 _U32: Final = struct.Struct(">I")
 _U64: Final = struct.Struct(">Q")
@@ -112,9 +114,12 @@ class _Peer:
 
 
 def _digest(payload: bytes) -> bytes:
-    # A dedup index, not a secret: hashlib's BLAKE2b avoids PyNaCl's per-call
-    # argument checks, which cost more than the hash itself on the hot path.
-    return hashlib.blake2b(payload, digest_size=DIGEST_SIZE, key=_DIGEST_KEY).digest()
+    # A dedup index, not a secret; still only the primitives of our two crypto
+    # libraries (cryptography's BLAKE2b is cheaper per call than PyNaCl's wrapper).
+    digest = hashes.Hash(_DIGEST_ALGORITHM)
+    digest.update(_DIGEST_KEY)
+    digest.update(payload)
+    return digest.finalize()[:DIGEST_SIZE]
 
 
 def _trim(ordered: dict[bytes, int], bound: int) -> int:
