@@ -56,6 +56,7 @@ FETCH_TIMEOUT: Final = 5.0
 BACKOFF_INITIAL: Final = 0.25
 BACKOFF_MAX: Final = 15.0
 POLL_INTERVAL: Final = 0.2
+STOP_GRACE: Final = 2.0  # seconds a clean stop waits for the network thread
 PING_INTERVAL: Final = 20.0
 RETRY_AFTER_REFUSAL: Final = 2.0
 MAX_ACK_BATCH: Final = wire.MAX_ACKS
@@ -273,12 +274,17 @@ class Messenger:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop cleanly: the network thread finishes the frames in hand (and sends
+        their acknowledgements) before the link closes, so a clean exit never makes
+        the relay redeliver what this client already committed."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_GRACE)
         link = self._link
         if link is not None:
             link.close()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=STOP_GRACE)
 
     def _run(self) -> None:
         delay = BACKOFF_INITIAL
