@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from relay_fixture import Relay, keygen
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_VECTORS = REPO.parent / "shared" / "vectors"
@@ -44,3 +45,19 @@ def run_cli(
         env=cli_env(home, **env),
         cwd=home.parent,
     )
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A key directory with alice, bob and carol (unencrypted keys), for client tests."""
+    home = tmp_path / "home"
+    keygen(home, "alice", "bob", "carol")
+    return home
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    """``securechat relay`` as a subprocess on a free loopback port."""
+    server = Relay.start(tmp_path / "relay-data")
+    yield server
+    server.stop()

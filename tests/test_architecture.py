@@ -10,6 +10,9 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "securechat"
 CORE = ("errors", "dh", "encoding", "keys", "wire", "noise", "x3dh", "ratchet", "envelope", "e2e")
 SHELLS = {"relay", "client", "ui", "cli", "keystore", "demo", "__main__"}
+# The relay routes ciphertext; it must not be able to decrypt even by mistake.
+FORBIDDEN_FOR_RELAY = {"keys", "x3dh", "ratchet", "envelope", "e2e", "keystore", "client", "ui"}
+RELAY_FILES = sorted((PKG / "relay").glob("*.py"))
 # The core takes bytes, randomness and time as arguments: nothing that touches the
 # outside world, starts threads or reads the clock.
 IMPURE = {
@@ -54,3 +57,29 @@ def test_every_module_is_classified() -> None:
                                                   and (p / "__init__.py").exists()}
     unclassified = found - set(CORE) - SHELLS - {"__init__"}
     assert not unclassified, f"classify these as core or shell: {sorted(unclassified)}"
+
+
+@pytest.mark.parametrize("path", RELAY_FILES, ids=[p.name for p in RELAY_FILES])
+def test_relay_never_imports_e2e_core(path: Path) -> None:
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "securechat" and len(parts) > 1:
+            assert parts[1] not in FORBIDDEN_FOR_RELAY, f"{path.name} imports {name}"
+
+
+def test_relay_dependencies_transitively_clean() -> None:
+    """Follow securechat.* imports from the relay: none reaches the E2E core."""
+    seen: set[str] = set()
+    todo = [f"securechat.relay.{p.stem}" for p in RELAY_FILES]
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        rel = mod.split(".")[1:]
+        candidates = [PKG.joinpath(*rel).with_suffix(".py"), PKG.joinpath(*rel, "__init__.py")]
+        path = next((c for c in candidates if c.exists()), None)
+        if path is None:
+            continue
+        assert rel[0] not in FORBIDDEN_FOR_RELAY, f"relay reaches {mod}"
+        todo += [n for n in _imports(path) if n.startswith("securechat.")]

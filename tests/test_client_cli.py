@@ -3,25 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from relay_fixture import Relay, keygen, run
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    r = Relay.start(tmp_path / "relay")
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    h = tmp_path / "home"
-    keygen(h, "alice", "bob", "carol")
-    return h
 
 
 def _send(home: Path, relay: Relay, key: str, peers: list[str], *texts: str,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -15,20 +14,6 @@ from securechat.errors import DeliveryTimeoutError, PeerKeyChangedError
 from securechat.ui import format as fmt
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    keygen(home, "alice", "bob", "carol")
-    return home
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    server = Relay.start(tmp_path / "relay-data")
-    yield server
-    server.stop()
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> list[str]:

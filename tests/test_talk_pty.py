@@ -77,20 +77,6 @@ class Term:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    keygen(home, "alice", "bob", "carol")
-    return home
-
-
-@pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    server = Relay.start(tmp_path / "relay-data")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def open_talk(home: Path, relay: Relay) -> Iterator[Callable[..., Term]]:
     terms: list[Term] = []
 
