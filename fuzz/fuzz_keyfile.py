@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import random
 import sys
 from pathlib import Path
+
+import _harness  # the fuzz/ folder is on sys.path when run as a script
 
 from securechat import encoding, keys
 from securechat.errors import SecureChatError
@@ -93,40 +94,8 @@ def make_corpus() -> int:
     return 0
 
 
-def replay(rounds: int, seed: int = 1) -> int:
-    seeds = [p.read_bytes() for p in sorted(CORPUS.iterdir())]
-    rng = random.Random(seed)
-    for s in seeds:
-        test_one_input(s)
-    for _ in range(rounds):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 4)):
-            pos = rng.randrange(1, len(data))
-            op = rng.random()
-            if op < 0.5:
-                data[pos] = rng.randrange(256)
-            elif op < 0.75:
-                del data[pos : pos + rng.randrange(1, 16)]
-            else:
-                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
-        test_one_input(bytes(data))
-    print(f"replayed {len(seeds)} seeds and {rounds} mutations: ok")
-    return 0
-
-
 def main() -> int:
-    if "--make-corpus" in sys.argv:
-        return make_corpus()
-    if "--replay" in sys.argv:
-        idx = sys.argv.index("--replay")
-        rounds = int(sys.argv[idx + 1]) if len(sys.argv) > idx + 1 else 20000
-        return replay(rounds)
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-    return 0
+    return _harness.main(test_one_input, CORPUS, make_corpus, default_rounds=20000)
 
 
 if __name__ == "__main__":

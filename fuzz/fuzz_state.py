@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import _harness  # the fuzz/ folder is on sys.path when run as a script
 
 from securechat import envelope
 from securechat.e2e import Content, E2EState, parse_bundle
@@ -120,40 +121,8 @@ def make_corpus() -> int:
     return 0
 
 
-def replay(rounds: int, seed: int = 1) -> int:
-    seeds = [p.read_bytes() for p in sorted(CORPUS.iterdir())]
-    rng = random.Random(seed)
-    for s in seeds:
-        test_one_input(s)
-    for _ in range(rounds):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 3)):
-            pos = rng.randrange(1, len(data))
-            op = rng.random()
-            if op < 0.6:
-                data[pos] ^= 1 << rng.randrange(8)
-            elif op < 0.8:
-                del data[pos : pos + rng.randrange(1, 64)]
-            else:
-                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
-        test_one_input(bytes(data))
-    print(f"replayed {len(seeds)} seeds and {rounds} mutations: ok")
-    return 0
-
-
 def main() -> int:
-    if "--make-corpus" in sys.argv:
-        return make_corpus()
-    if "--replay" in sys.argv:
-        idx = sys.argv.index("--replay")
-        rounds = int(sys.argv[idx + 1]) if len(sys.argv) > idx + 1 else 5000
-        return replay(rounds)
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-    return 0
+    return _harness.main(test_one_input, CORPUS, make_corpus, default_rounds=5000)
 
 
 if __name__ == "__main__":

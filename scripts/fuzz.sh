@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 MINUTES="${1:-1}"
 shift || true
 PY="${PYTHON:-python}"
-if [ -x /work/venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=/work/venv/bin/python; fi
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 exec "$PY" scripts/fuzz_run.py --minutes "$MINUTES" "$@"
