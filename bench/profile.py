@@ -1,6 +1,6 @@
 """Profile the securechat relay under one benchmark workload with py-spy.
 
-``python -m bench.profile {direct,paced,fanout,handshake,durable} [--seconds S]``
+``python -m bench.profile {direct,direct4k,paced,fanout,handshake,durable} [--seconds S]``
 starts a relay, attaches ``py-spy record`` (``pip install py-spy``) to it
 while the workload runs, and prints the functions holding the most samples
 (inclusive and self), so a regression or a hot spot is one command away.
@@ -24,6 +24,8 @@ from bench.suite import GROUPS, MEMBERS, PAIRS
 def _workload(kind: str, seconds: float, rate: float) -> driver.Workload:
     if kind == "direct":
         return w.throughput(PAIRS, 256, seconds)
+    if kind == "direct4k":
+        return w.throughput(PAIRS, 4096, seconds)
     if kind == "paced":
         return w.paced(PAIRS, 256, rate, seconds)
     if kind == "fanout":
@@ -56,7 +58,8 @@ def summarize(raw_file: Path, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("kind", choices=("direct", "paced", "fanout", "handshake", "durable"))
+    kinds = ("direct", "direct4k", "paced", "fanout", "handshake", "durable")
+    parser.add_argument("kind", choices=kinds)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--rate", type=float, default=30_000.0, help="offered frames/s (paced)")

@@ -23,6 +23,7 @@ Frame types and body layouts are listed in ``docs/protocol.md`` section 3.1.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ MAX_REASON: Final = 512  # UTF-8 bytes of an Error reason
 MAX_SUBSCRIBE: Final = 256  # identities per PresenceSubscribe
 
 MAILBOX_LABEL: Final = b"securechat/v1/mailbox"
+MAILBOX_CACHE: Final = 65536  # identities whose mailbox address is kept (~100 bytes each)
 
 # --- frame types ---------------------------------------------------------------------------
 
@@ -113,9 +115,16 @@ def mailbox_address(identity_key: bytes) -> bytes:
 
     Why hashed: the relay's tables and the store index on an address that is
     not itself the key, and the label separates it from every other hash use.
+    libsodium's ``generichash`` costs ~7 us through PyNaCl, so the relay's hot
+    path looks addresses up in a bounded cache instead of hashing again.
     """
     if len(identity_key) != KEY_SIZE:
         raise FrameError("identity key must be 32 bytes")
+    return _mailbox_cached(bytes(identity_key))
+
+
+@functools.lru_cache(maxsize=MAILBOX_CACHE)
+def _mailbox_cached(identity_key: bytes) -> bytes:
     digest = nacl.bindings.crypto_generichash_blake2b_salt_personal(
         identity_key, digest_size=MAILBOX_SIZE, key=MAILBOX_LABEL
     )
@@ -453,6 +462,25 @@ def encode_deliver(msg_id: bytes, sender_key: bytes, timestamp_ms: int, payload:
             payload,
         )
     )
+
+
+_ACCEPTED_PREFIX: Final = _PREFIX.pack(HEADER_SIZE + ID_SIZE + 1, VERSION, T_ACCEPTED)
+_ACCEPTED_TAIL: Final = {STATUS_STORED: b"\x01", STATUS_DELIVERED: b"\x02"}
+_DELIVERED_PREFIX: Final = _PREFIX.pack(HEADER_SIZE + ID_SIZE + MAILBOX_SIZE, VERSION, T_DELIVERED)
+
+
+def encode_accepted(msg_id: bytes, status: int) -> bytes:
+    """``encode(Accepted(msg_id, status))`` without the dataclass (relay hot path).
+
+    ``msg_id`` comes out of a decoded frame, so it has its exact size;
+    ``status`` is still checked (KeyError on anything but 1 or 2).
+    """
+    return _ACCEPTED_PREFIX + msg_id + _ACCEPTED_TAIL[status]
+
+
+def encode_delivered(msg_id: bytes, mailbox: bytes) -> bytes:
+    """``encode(Delivered(msg_id, mailbox))`` from fields of known sizes (relay hot path)."""
+    return _DELIVERED_PREFIX + msg_id + mailbox
 
 
 # --- decoding --------------------------------------------------------------------------------

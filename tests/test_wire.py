@@ -298,3 +298,13 @@ def test_mutations_only_frames_or_frame_error(frame: wire.Frame, where: int, val
     except FrameError:
         return
     assert wire.encode(got) == bytes(data)  # canonical: one encoding per frame
+
+
+@given(st.binary(min_size=16, max_size=16), st.sampled_from([1, 2]),
+       st.binary(min_size=32, max_size=32))
+def test_fast_encoders_match_the_canonical_ones(msg_id: bytes, status: int, mailbox: bytes) -> None:
+    """The relay's hot-path encoders produce exactly the canonical bytes."""
+    assert wire.encode_accepted(msg_id, status) == wire.encode(wire.Accepted(msg_id, status))
+    assert wire.encode_delivered(msg_id, mailbox) == wire.encode(wire.Delivered(msg_id, mailbox))
+    with pytest.raises(KeyError):
+        wire.encode_accepted(msg_id, 3)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from securechat.relay.worker import Conn, Worker
 
 MAX_INFLIGHT_BYTES: Final = 4 * 1024 * 1024  # unacked live payload bytes per recipient
+STALL_INFLIGHT_BYTES: Final = 128 * 1024  # with this much unacked ...
+STALL_AFTER_S: Final = 0.25  # ... the oldest unacked for this long ...
+STALL_TURNS: Final = 3  # ... and this many loop turns, nothing read since: stalled
 
 
 def _now_ms() -> int:
@@ -38,8 +41,7 @@ def _now_ms() -> int:
 
 
 def on_send(w: Worker, conn: Conn, f: wire.Send) -> None:
-    sub = Submission(conn, f.msg_id, 1)
-    route_copy(w, conn, sub, f.mailbox, f.payload, _now_ms())
+    route_copy(w, conn, Submission(conn, f.msg_id, 1), f.mailbox, f.payload, _now_ms())
 
 
 def on_send_multi(w: Worker, conn: Conn, f: wire.SendMulti) -> None:
@@ -59,9 +61,18 @@ def route_copy(
         resolve(sub, wire.STATUS_DELIVERED)
         return
     copy = Copy(sub, mailbox, sender, sub.msg_id, ts, payload)
-    target = router.route(mailbox, lambda: w.store_copy(copy, force=False, subs=[sub]))
-    if target is not None:
-        target.worker.call_soon(incoming, target.worker, target, copy)
+    # Lock-free look-up first (the common, online case); only "offline, so store"
+    # needs the router's lock, and only then do we build the closure for it.
+    target = router.online.get(mailbox)
+    if target is None:
+        target = router.route(mailbox, lambda: w.store_copy(copy, force=False, subs=[sub]))
+        if target is None:
+            return
+    tw = target.worker
+    if tw is w:  # same thread: no hand-off (and no wake-up) needed
+        incoming(w, target, copy)
+    else:
+        tw.call_soon(incoming, tw, target, copy)
 
 
 def incoming(w: Worker, conn: Conn, copy: Copy) -> None:
@@ -80,11 +91,13 @@ def incoming(w: Worker, conn: Conn, copy: Copy) -> None:
     cfg = w.ctx.config
     if (
         conn.live
-        and conn.backlog() < cfg.out_high_water
+        and len(conn.out) < cfg.out_high_water  # what the kernel refused: a slow reader
         and len(conn.inflight) < MAX_INFLIGHT
         and conn.inflight_bytes < MAX_INFLIGHT_BYTES
+        and w.held_bytes < cfg.worker_high_water
+        and not _stalled(w, conn)
     ):
-        conn.inflight[key] = Inflight(copy, w.now + cfg.ack_timeout)
+        conn.inflight[key] = Inflight(copy, w.now, w.turns, cfg.ack_timeout)
         conn.inflight_bytes += len(copy.payload)
         w.awaiting.add(conn)
         w.queue_frame(conn, wire.encode_deliver(copy.msg_id, copy.sender, copy.ts, copy.payload))
@@ -99,23 +112,43 @@ def incoming(w: Worker, conn: Conn, copy: Copy) -> None:
     w.store_copy(copy, force=False, subs=[copy.sub], then=stored)
 
 
+def _stalled(w: Worker, conn: Conn) -> bool:
+    """Many unacked bytes, and nothing read from the reader since the oldest was sent,
+    for a while and for several loop turns.
+
+    Its copies then go to the store, so a burst to many readers that stopped
+    reading keeps memory bounded; a busy reader that is acking is read every
+    turn, however long the relay's turns get under load, and stays live.
+    """
+    if conn.inflight_bytes < STALL_INFLIGHT_BYTES:
+        return False
+    oldest = next(iter(conn.inflight.values()))
+    return (
+        conn.last_rx < oldest.sent
+        and w.now - oldest.sent > STALL_AFTER_S
+        and w.turns - oldest.turn > STALL_TURNS
+    )
+
+
 def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> None:
     mailbox = conn.mailbox
     assert mailbox is not None
-    router = w.ctx.router
+    w.ctx.router.remember_acked_many([mailbox + s + m for s, m in f.entries])
+    inflight = conn.inflight
     to_delete: list[tuple[bytes, bytes]] = []
-    for sender, msg_id in f.entries:
-        key = (sender, msg_id)
-        router.remember_acked(recent_key(mailbox, sender, msg_id))
-        entry = conn.inflight.pop(key, None)
+    for key in f.entries:  # (sender, msg_id): the same tuple as the inflight key
+        entry = inflight.pop(key, None)
         if entry is None:
             conn.sent_stored.discard(key)
             to_delete.append(key)
             continue
         conn.inflight_bytes -= len(entry.copy.payload)
+        receipt = wire.encode_delivered(key[1], mailbox)
+        first = entry.subs[0]
         for sub in entry.subs:
-            resolve(sub, wire.STATUS_DELIVERED)
-        notify_delivered(w, sender, msg_id, mailbox)
+            resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
+    if not conn.inflight:
+        w.awaiting.discard(conn)
     if not to_delete:
         return
 
@@ -130,11 +163,12 @@ def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> None:
 
 
 def notify_delivered(w: Worker, sender: bytes, msg_id: bytes, mailbox: bytes) -> None:
-    """Best-effort receipt to the sender, if it is connected."""
+    """Best-effort receipt to the sender, if it is connected (a stored copy was acked)."""
     target = w.ctx.router.online.get(wire.mailbox_address(sender))
     if target is not None:
-        frame = wire.encode(wire.Delivered(msg_id, mailbox))
-        target.worker.call_soon(target.worker.queue_frame, target, frame)
+        target.worker.call_soon(
+            target.worker.queue_frame, target, wire.encode_delivered(msg_id, mailbox)
+        )
 
 
 def on_publish(w: Worker, conn: Conn, f: wire.PublishPrekeys) -> None:

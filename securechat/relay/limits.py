@@ -15,7 +15,7 @@ from typing import Final
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 5050
 DEFAULT_DATA_DIR: Final = "relay-data"
-DEFAULT_WORKERS: Final = 2  # I/O worker threads, each a selectors loop
+DEFAULT_WORKERS: Final = 1  # I/O worker threads, each a selectors loop (see docs/performance.md)
 RECV_SIZE: Final = 256 * 1024  # one recv() per readable event
 LISTEN_BACKLOG: Final = 4096
 
@@ -34,6 +34,13 @@ OUT_HIGH_WATER: Final = 1024 * 1024  # above this a receiver is "stalled": spill
 OUT_LOW_WATER: Final = 256 * 1024  # below this, stored frames are fetched again
 OUT_HARD_LIMIT: Final = 8 * 1024 * 1024  # a peer that lets this much pile up is dropped
 MAX_INFLIGHT: Final = 4096  # live deliveries awaiting an Ack, per connection
+# Bytes queued for output over all of one worker's connections: above this, new
+# copies go to the store rather than to memory (a burst to many stalled readers).
+WORKER_HIGH_WATER: Final = 16 * 1024 * 1024
+# Payload bytes waiting in the store thread's queue: above the high mark workers stop
+# reading their clients (the bytes wait in the kernel) until it is below the low mark.
+STORE_HIGH_WATER: Final = 4 * 1024 * 1024
+STORE_LOW_WATER: Final = 1 * 1024 * 1024
 
 # --- delivery and store --------------------------------------------------------------------
 DEFAULT_ACK_TIMEOUT_S: Final = 3.0  # live delivery not acked by then: persist it
@@ -42,6 +49,7 @@ DEFAULT_QUOTA_BYTES: Final = 64 * 1024 * 1024  # per mailbox
 DEFAULT_TTL_S: Final = 14 * 24 * 3600.0
 DEFAULT_PURGE_INTERVAL_S: Final = 60.0
 FETCH_BATCH: Final = 256  # stored frames per fetch from the store
+FETCH_BYTES: Final = 128 * 1024  # payload bytes per fetch (100 readers catching up at once)
 STORE_BATCH: Final = 4096  # requests per transaction (group commit)
 RECENTLY_ACKED: Final = 20_000  # remembered acked (mailbox, sender, id) for idempotent retries
 MAX_STORED_OTKS: Final = 200  # one-time prekeys kept per identity
@@ -71,6 +79,9 @@ class RelayConfig:
     purge_interval: float = DEFAULT_PURGE_INTERVAL_S
     out_high_water: int = OUT_HIGH_WATER
     out_low_water: int = OUT_LOW_WATER
+    worker_high_water: int = WORKER_HIGH_WATER
+    store_high_water: int = STORE_HIGH_WATER
+    store_low_water: int = STORE_LOW_WATER
     sync_full: bool = True  # SQLite synchronous=FULL (else NORMAL)
     store_max_bytes: int = 0  # 0: no cap; else PRAGMA max_page_count (disk-full behaviour)
 

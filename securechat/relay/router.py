@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from securechat import wire
@@ -72,11 +72,13 @@ class Copy:
 class Inflight:
     """A copy delivered live, waiting for the recipient's Ack (or its timeout)."""
 
-    __slots__ = ("copy", "deadline", "subs")
+    __slots__ = ("copy", "deadline", "sent", "subs", "turn")
 
-    def __init__(self, copy: Copy, deadline: float) -> None:
+    def __init__(self, copy: Copy, sent: float, turn: int, ack_timeout: float) -> None:
         self.copy = copy
-        self.deadline = deadline
+        self.sent = sent  # worker clock and loop turn when queued (stall detection)
+        self.turn = turn
+        self.deadline = sent + ack_timeout
         self.subs: list[Submission] = [copy.sub]
 
 
@@ -123,10 +125,16 @@ class Router:
 
     # --- idempotency ---------------------------------------------------------------------------
     def remember_acked(self, key: bytes) -> None:
+        self.remember_acked_many((key,))
+
+    def remember_acked_many(self, keys: Iterable[bytes]) -> None:
+        """Remember every entry of one Ack frame: one lock round for the whole frame."""
         with self._recent_lock:
             recent = self._recent
-            recent[key] = None
-            if len(recent) > self._recent_max:
+            for key in keys:
+                recent[key] = None
+            excess = len(recent) - self._recent_max
+            for _ in range(max(excess, 0)):
                 recent.popitem(last=False)
 
     def was_acked(self, key: bytes) -> bool:
@@ -165,14 +173,28 @@ def insert_outcome(result: int | None) -> Outcome:
     return wire.STATUS_STORED
 
 
-def resolve(sub: Submission, outcome: Outcome) -> None:
-    """Report one copy's outcome to its submission, on the sender's worker."""
-    sub.conn.worker.call_soon(_resolve, sub, outcome)
+def resolve(sub: Submission, outcome: Outcome, receipt: bytes | None = None) -> None:
+    """Report one copy's outcome to its submission, on the sender's worker.
+
+    ``receipt``: an encoded ``Delivered`` for the sender, sent in the same
+    hand-off (and the same output record) as the ``Accepted``. Called on the
+    sender's own worker (the common case with one worker) it runs at once.
+    """
+    worker = sub.conn.worker
+    if worker.on_own_thread():
+        _resolve(sub, outcome, receipt)
+    else:
+        worker.call_soon(_resolve, sub, outcome, receipt)
 
 
-def _resolve(sub: Submission, outcome: Outcome) -> None:
-    if sub.done:
-        return
+def _resolve(sub: Submission, outcome: Outcome, receipt: bytes | None) -> None:
+    if not sub.done:
+        _settle(sub, outcome)
+    if receipt is not None:  # after the Accepted: a client shows the later, stronger status
+        _receipt(sub.conn, receipt)
+
+
+def _settle(sub: Submission, outcome: Outcome) -> None:
     conn = sub.conn
     if outcome < 0:
         sub.done = True
@@ -185,4 +207,15 @@ def _resolve(sub: Submission, outcome: Outcome) -> None:
         sub.status = outcome
     if sub.remaining == 0:
         sub.done = True
-        conn.worker.queue_frame(conn, wire.encode(wire.Accepted(sub.msg_id, sub.status)))
+        conn.worker.queue_frame(conn, wire.encode_accepted(sub.msg_id, sub.status))
+
+
+def _receipt(conn: Conn, receipt: bytes) -> None:
+    """Queue a ``Delivered`` for the sender; to its newer connection if this one is gone."""
+    if conn.state == OPEN:
+        conn.worker.queue_frame(conn, receipt)
+        return
+    mailbox = conn.mailbox
+    current = conn.worker.ctx.router.online.get(mailbox) if mailbox is not None else None
+    if current is not None and current is not conn:
+        current.worker.call_soon(current.worker.queue_frame, current, receipt)

@@ -213,12 +213,27 @@ class MailboxStore:
         usage[1] += len(payload)
         return INSERTED
 
-    def fetch(self, mailbox: bytes, after_seq: int, limit: int, now_ms: int) -> list[Row]:
-        return self.db.execute(
+    def fetch(
+        self, mailbox: bytes, after_seq: int, limit: int, now_ms: int, max_bytes: int = 0
+    ) -> list[Row]:
+        """Up to ``limit`` rows after ``after_seq``; with ``max_bytes``, stop at the row
+        that reaches that many payload bytes (memory: many readers fetch at once)."""
+        cur = self.db.execute(
             "SELECT seq, sender, msg_id, ts, payload FROM frames"
             " WHERE mailbox=? AND seq>? AND expires>=? ORDER BY seq LIMIT ?",
             (mailbox, after_seq, now_ms, limit),
-        ).fetchall()
+        )
+        if not max_bytes:
+            return cur.fetchall()
+        rows: list[Row] = []
+        size = 0
+        for row in cur:
+            rows.append(row)
+            size += len(row[4])
+            if size >= max_bytes:
+                break
+        cur.close()
+        return rows
 
     def delete(self, mailbox: bytes, sender: bytes, msg_id: bytes) -> bool:
         row = self.db.execute(
@@ -284,6 +299,7 @@ class Request:
     poster: Poster | None
     fn: Callable[..., None] | None
     mailbox: bytes | None = None  # set on inserts: owners are told about new rows
+    size: int = 0  # payload bytes held by the request (the queue's memory bound)
     result: Any = None
     failed: bool = False
 
@@ -302,12 +318,27 @@ class StoreThread:
         self._next_purge = 0.0
         self._next_space_check = 0.0
         self.batches = 0  # for tests and the benchmark: commits so far
+        # Payload bytes queued but not yet committed, changed under ``_count_lock`` by
+        # workers (put) and the store thread (after commit); workers stop reading above
+        # ``store_high_water`` (see worker.py), so a burst cannot grow this queue.
+        self._count_lock = threading.Lock()
+        self.queued_bytes = 0
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, request: Request) -> None:
+        if request.size:
+            with self._count_lock:
+                self.queued_bytes += request.size
         self._queue.put(request)
+
+    def _settled(self, batch: list[Request]) -> None:
+        """Committed (or failed): forget the batch's bytes (the workers' back-pressure)."""
+        size = sum(req.size for req in batch)
+        if size:
+            with self._count_lock:
+                self.queued_bytes -= size
 
     def stop(self) -> None:
         """Finish every queued request, then close the database."""
@@ -378,6 +409,7 @@ class StoreThread:
             for req in batch:
                 self._run_alone(req, now_ms)
         self.batches += 1
+        self._settled(batch)
         new_rows: set[bytes] = set()
         for req in batch:
             if req.mailbox is not None and not req.failed and req.result == INSERTED:
@@ -407,8 +439,10 @@ class StoreThread:
         until the reserve can be re-created.
         """
         if self._store.release_reserve():
-            log.warning("disk full: released the %d KiB reserve; refusing new frames until "
-                        "space returns", RESERVE_BYTES // 1024)
+            log.warning(
+                "disk full: released the %d KiB reserve; refusing new frames until space returns",
+                RESERVE_BYTES // 1024,
+            )
         try:
             self._store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:

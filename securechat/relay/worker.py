@@ -14,7 +14,8 @@ Connection states::
 A recipient connection's delivery mode (see ``docs/protocol.md`` section 3.3)::
 
     STORE --(fetch returned the last stored row, no insert pending, buffer has room)--> LIVE
-    LIVE  --(buffer above high water or too many unacked)--> STORE
+    LIVE  --(output above high water, too many unacked, reader stalled,
+             or the worker's unsent output above its cap)--> STORE
 
 In STORE mode new copies are appended to the store and fetched in order, so a
 sender's frames never overtake each other. Exceptions while handling one
@@ -42,6 +43,7 @@ from securechat.relay import handlers
 from securechat.relay import store as st
 from securechat.relay.limits import (
     FETCH_BATCH,
+    FETCH_BYTES,
     OUT_HARD_LIMIT,
     RECV_SIZE,
     TICK_S,
@@ -65,6 +67,7 @@ log = logging.getLogger("securechat.relay")
 _READ: Final = selectors.EVENT_READ
 _WRITE: Final = selectors.EVENT_WRITE
 _SLOW_TIMERS_S: Final = 1.0
+_INFLIGHT_CHECK_S: Final = 0.05  # resolution of the ack timeout (seconds)
 
 
 class RelayContext:
@@ -185,6 +188,17 @@ class Worker:
         self._tid = 0
         self.now = time.monotonic()
         self._next_slow = 0.0
+        self._next_inflight = 0.0
+        self.turns = 0  # loop turns so far
+        # Ciphertext the kernel did not take yet, over all connections: above
+        # ``worker_high_water`` new copies go to the store instead, so a burst to many
+        # slow readers cannot grow memory (unacked bytes: see handlers._stalled).
+        self.held_bytes = 0
+        self.paused: set[Conn] = set()  # not read while the store's queue is too long
+        # One receive buffer per worker: ``recv(256 KiB)`` would allocate (mmap) and
+        # free 256 KiB per call, about 13 us here; ``recv_into`` + copy of what came: 2 us.
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
 
     # --- cross-thread interface --------------------------------------------------------------
     def start(self) -> None:
@@ -192,6 +206,9 @@ class Worker:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    def on_own_thread(self) -> bool:
+        return threading.get_ident() == self._tid
 
     def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on this worker's thread (soon, in posting order)."""
@@ -215,12 +232,19 @@ class Worker:
                 log.error("worker %d selector failed: %s", self.index, exc)
                 break
             self.now = time.monotonic()
+            self.turns += 1
             for key, mask in events:
                 conn = key.data
                 if conn is None:
                     self._drain_wakeups()
                     continue
-                self._guard(conn, self._on_event, conn, mask)
+                try:  # inline _guard: this is the per-event hot path
+                    if mask & _READ and conn.state != CLOSED:
+                        self._on_readable(conn)
+                    if mask & _WRITE and conn.state != CLOSED:
+                        self._on_writable(conn)
+                except Exception:
+                    self._internal_error(conn)
             self._run_callbacks()
             self._timers()
             self._flush_dirty()
@@ -232,9 +256,12 @@ class Worker:
         try:
             fn(*args)
         except Exception:
-            log.exception("internal error handling %s", conn.name() if conn else "a callback")
-            if conn is not None and conn.state != CLOSED:
-                self.close(conn, "internal error")
+            self._internal_error(conn)
+
+    def _internal_error(self, conn: Conn | None) -> None:
+        log.exception("internal error handling %s", conn.name() if conn else "a callback")
+        if conn is not None and conn.state != CLOSED:
+            self.close(conn, "internal error")
 
     def _drain_wakeups(self) -> None:
         try:
@@ -254,12 +281,6 @@ class Worker:
             while local:
                 fn, args = local.popleft()
                 self._guard(None, fn, *args)
-
-    def _on_event(self, conn: Conn, mask: int) -> None:
-        if mask & _READ and conn.state != CLOSED:
-            self._on_readable(conn)
-        if mask & _WRITE and conn.state != CLOSED:
-            self._on_writable(conn)
 
     # --- accepting and closing ----------------------------------------------------------------
     def add_connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
@@ -287,8 +308,11 @@ class Worker:
         conn.sock.close()
         self.conns.discard(conn)
         self.awaiting.discard(conn)
+        self.paused.discard(conn)
         self.ctx.release(conn.ip)
+        self.held_bytes -= len(conn.out)
         conn.pending.clear()
+        conn.pending_size = 0
         conn.out = bytearray()
         if was_open:
             log.info("disconnected %s: %s", conn.fp, reason)
@@ -305,6 +329,7 @@ class Worker:
         for entry in conn.inflight.values():  # delivered but never acked: persist
             self.store_copy(entry.copy, force=True, subs=entry.subs)
         conn.inflight.clear()
+        conn.inflight_bytes = 0
 
     def shutdown(self) -> None:
         for conn in list(self.conns):
@@ -313,16 +338,20 @@ class Worker:
 
     # --- reading ------------------------------------------------------------------------------
     def _on_readable(self, conn: Conn) -> None:
+        if self.ctx.store.queued_bytes > self.ctx.config.store_high_water and conn.state == OPEN:
+            self._pause(conn)  # the store is behind: leave the bytes in the kernel for now
+            return
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            size = conn.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.close(conn, f"read error: {exc.strerror or exc}")
             return
-        if not data:
+        if not size:
             self.close(conn, "peer closed the connection")
             return
+        data = self._rview[:size].tobytes()
         conn.last_rx = self.now
         if conn.state == HANDSHAKE:
             self._handshake_data(conn, data)
@@ -419,6 +448,7 @@ class Worker:
     def _write(self, conn: Conn, data: bytes) -> None:
         if conn.out:
             conn.out += data
+            self.held_bytes += len(data)
         else:
             try:
                 sent = conn.sock.send(data)
@@ -430,6 +460,7 @@ class Worker:
             if sent == len(data):
                 return
             conn.out += memoryview(data)[sent:]
+            self.held_bytes += len(data) - sent
             self._update_interest(conn)
         if len(conn.out) > OUT_HARD_LIMIT:
             self.close(conn, "peer is not reading (output buffer full)")
@@ -446,8 +477,9 @@ class Worker:
             self.close(conn, f"write error: {exc.strerror or exc}")
             return
         del conn.out[:sent]
+        self.held_bytes -= sent
         if len(conn.out) <= self.ctx.config.out_low_water:
-            conn.reading = True
+            conn.reading = conn not in self.paused
             self.drained(conn)
         self._update_interest(conn)
 
@@ -456,14 +488,25 @@ class Worker:
             return
         events = (_READ if conn.reading else 0) | (_WRITE if conn.out else 0)
         if events == 0:
+            if conn in self.paused:  # briefly unwatched: resumed when the store catches up
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(conn.sock)
+                return
             events = _READ  # never leave a socket unwatched (EOF must be seen)
-        self.sel.modify(conn.sock, events, conn)
+        try:
+            self.sel.modify(conn.sock, events, conn)
+        except KeyError:
+            self.sel.register(conn.sock, events, conn)
 
     # --- timers -------------------------------------------------------------------------------
     def _timers(self) -> None:
         now = self.now
-        for conn in list(self.awaiting):
-            self._expire_inflight(conn, now)
+        if self.paused and self.ctx.store.queued_bytes <= self.ctx.config.store_low_water:
+            self._resume_all()
+        if now >= self._next_inflight:  # ack deadlines are seconds: no need to look every turn
+            self._next_inflight = now + _INFLIGHT_CHECK_S
+            for conn in list(self.awaiting):
+                self._expire_inflight(conn, now)
         if now < self._next_slow:
             return
         self._next_slow = now + _SLOW_TIMERS_S
@@ -487,6 +530,19 @@ class Worker:
             self.store_copy(entry.copy, force=True, subs=entry.subs)
         if not conn.inflight:
             self.awaiting.discard(conn)
+
+    def _pause(self, conn: Conn) -> None:
+        self.paused.add(conn)
+        if conn.reading:
+            conn.reading = False
+            self._update_interest(conn)
+
+    def _resume_all(self) -> None:
+        paused, self.paused = self.paused, set()
+        for conn in paused:
+            if conn.state == OPEN and len(conn.out) <= self.ctx.config.out_high_water:
+                conn.reading = True
+                self._update_interest(conn)
 
     # --- store plumbing -----------------------------------------------------------------------
     def store_request(
@@ -517,7 +573,9 @@ class Worker:
             if then is not None:
                 then(result)
 
-        self.ctx.store.put(st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox))
+        self.ctx.store.put(
+            st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox, size=len(copy.payload))
+        )
 
     def request_fetch(self, conn: Conn) -> None:
         """Queue a fetch of the next stored rows for ``conn`` (called under the router lock
@@ -529,7 +587,7 @@ class Worker:
         conn.store_dirty = False
 
         def op(store: st.MailboxStore, now: int) -> list[st.Row]:
-            return store.fetch(mailbox, after, FETCH_BATCH, now)
+            return store.fetch(mailbox, after, FETCH_BATCH, now, FETCH_BYTES)
 
         def done(rows: list[st.Row] | None) -> None:
             self._fetched(conn, rows)
@@ -543,14 +601,16 @@ class Worker:
         if rows is None:
             self.close(conn, "relay store failed", (wire.STORE_FAILED, wire.NO_ID))
             return
+        size = 0
         for seq, sender, msg_id, ts, payload in rows:
             conn.cursor = seq
+            size += len(payload)
             key = (bytes(sender), bytes(msg_id))
             if key in conn.sent_stored or key in conn.inflight:
                 continue
             conn.sent_stored.add(key)
             self.queue_frame(conn, wire.encode_deliver(key[1], key[0], ts, bytes(payload)))
-        if len(rows) == FETCH_BATCH:
+        if len(rows) == FETCH_BATCH or size >= FETCH_BYTES:
             conn.store_dirty = True
         elif not conn.synced:
             conn.synced = True
