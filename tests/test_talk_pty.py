@@ -131,8 +131,8 @@ def test_incoming_message_leaves_the_input_line_intact(
 def test_commands(home: Path, relay: Relay, open_talk: Callable[..., Term]) -> None:
     alice = open_talk()
     alice.type("/help\r")
-    screen = alice.wait("/verify")
-    assert "/history [N]" in screen and "/trust NAME" in screen
+    # The help is several lines: wait for all of them, a slow machine can catch it half drawn.
+    alice.wait(lambda s: all(c in s for c in ("/verify", "/history [N]", "/trust NAME")))
 
     alice.type("/verify\r")
     screen = alice.wait(lambda s: SAFETY.search(s))
