@@ -57,6 +57,7 @@ BACKOFF_INITIAL: Final = 0.25
 BACKOFF_MAX: Final = 15.0
 POLL_INTERVAL: Final = 0.2
 STOP_GRACE: Final = 2.0  # seconds a clean stop waits for the network thread
+MAX_TRACKED_STATUSES: Final = 10_000  # sent messages whose delivery mark is remembered
 PING_INTERVAL: Final = 20.0
 RETRY_AFTER_REFUSAL: Final = 2.0
 MAX_ACK_BATCH: Final = wire.MAX_ACKS
@@ -248,6 +249,7 @@ class Messenger:
         self._thread: threading.Thread | None = None
         self._fetches: dict[bytes, tuple[threading.Event, list[wire.Prekeys]]] = {}
         self._retry_at = 0.0
+        self._statuses: dict[bytes, int] = {}  # newest delivery mark per sent message
         self.synced = threading.Event()
         self.fatal: SecureChatError | None = None
         self.received_count = 0
@@ -457,9 +459,14 @@ class Messenger:
                 self._on_deliver(frame)
                 acks.append((frame.sender_key, frame.msg_id))
             elif isinstance(frame, wire.Accepted):
-                self._on_status(frame.msg_id, STATUS_ACCEPTED, remove=True)
+                # status 2: every copy was delivered and acknowledged already
+                status = STATUS_DELIVERED if frame.status == wire.STATUS_DELIVERED else (
+                    STATUS_ACCEPTED)
+                self._on_status(frame.msg_id, status, remove=True)
             elif isinstance(frame, wire.Delivered):
-                self._on_status(frame.msg_id, STATUS_DELIVERED, remove=True)
+                # A receipt for ONE recipient's copy: for a group the other copies may
+                # not be safe yet, so only Accepted takes a message out of the outbox.
+                self._on_status(frame.msg_id, STATUS_DELIVERED, remove=False)
             elif isinstance(frame, wire.PrekeyCount):
                 self._replenish(link, frame.remaining)
             elif isinstance(frame, wire.Prekeys):
@@ -509,9 +516,17 @@ class Messenger:
 
     def _on_status(self, msg_id: bytes, status: int, *, remove: bool) -> None:
         with self._lock, self.store.transaction():
-            self.store.outbox_remove(msg_id)
+            if remove:
+                self.store.outbox_remove(msg_id)
             self.store.history_set_status(msg_id, status)
-        self._emit(StatusEvent(msg_id, status))
+            # A group's Accepted(1) can follow a member's Delivered receipt: the mark a
+            # user sees only ever moves forward.
+            shown = max(self._statuses.pop(msg_id, STATUS_PENDING), status)
+            self._statuses[msg_id] = shown
+            while len(self._statuses) > MAX_TRACKED_STATUSES:
+                del self._statuses[next(iter(self._statuses))]
+        if shown == status:
+            self._emit(StatusEvent(msg_id, status))
 
     def _replenish(self, link: RelayLink, remaining: int) -> None:
         now = int(time.time() * 1000)

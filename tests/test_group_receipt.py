@@ -1,0 +1,82 @@
+"""A group member's receipt must not take a group message out of the sender's outbox.
+
+Regression test for the soak's "lost: fay|g|N never shown to eve": the relay sends
+``Delivered(msg_id, mailbox)`` as soon as ONE recipient acknowledges its copy of a
+SendMulti, while another copy may still be only in a recipient's hands (live, unacked)
+or waiting in the store queue. The client used to treat that receipt like ``Accepted``
+and drop the outbox entry, so a relay crash before the other copy was safe lost it for
+good: no copy in the relay, nothing left to resend.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from relayclient import RelayClient, RelayProcess
+
+from securechat import keys, wire
+from securechat.client.app import open_client
+from securechat.client.messenger import Event, StatusEvent
+from securechat.errors import ConnectionClosedError
+
+TIMEOUT_S = 10.0
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    # A long ack timeout: carol's unacked live copy stays in the relay's memory only.
+    r = RelayProcess.start(tmp_path / "relay", "--ack-timeout", "60")
+    yield r
+    r.stop()
+
+
+def _wait_deliver(conn: RelayClient, msg_id: bytes, deadline: float) -> bool:
+    """True once ``conn`` gets a Deliver of ``msg_id`` (it never acks it)."""
+    try:
+        conn.recv_until(lambda f: isinstance(f, wire.Deliver) and f.msg_id == msg_id,
+                        timeout=max(deadline - time.monotonic(), 0.01))
+    except (TimeoutError, ConnectionClosedError):
+        return False
+    return True
+
+
+def test_one_members_receipt_keeps_group_message_queued(
+    relay: RelayProcess, sc_home: Path
+) -> None:
+    address = f"{relay.host}:{relay.port}"
+    alice, bob, carol = (keys.generate_identity(n, os.urandom(keys.SEED_SIZE))
+                         for n in ("alice", "bob", "carol"))
+    statuses: queue.Queue[int] = queue.Queue()
+
+    def on_alice(event: Event) -> None:
+        if isinstance(event, StatusEvent):
+            statuses.put(event.status)
+
+    carol_raw = relay.connect(carol.dh_private)  # receives, never acks
+    carol_raw.recv_until(lambda f: isinstance(f, wire.Synced), timeout=TIMEOUT_S)
+    with open_client(None, address, None, lambda e: None, identity=bob) as b, \
+            open_client(None, address, None, on_alice, identity=alice) as a:
+        assert b.messenger.wait_connected(TIMEOUT_S) and b.messenger.synced.wait(TIMEOUT_S)
+        assert a.messenger.wait_connected(TIMEOUT_S)
+        msg_id = a.messenger.send_text(a.conversation([bob.public, carol.public]), "hello")
+        # bob acks his copy: alice gets the relay's receipt for it ...
+        assert statuses.get(timeout=TIMEOUT_S) == 2
+        assert _wait_deliver(carol_raw, msg_id, time.monotonic() + TIMEOUT_S)
+        # ... but carol's copy is neither acked nor stored: the message must stay queued.
+        assert a.messenger.pending() == 1, "a receipt from one member dequeued the group message"
+        carol_raw.close()
+        relay.kill()  # carol's copy was only in the relay's memory
+        restarted = relay.restart()
+        try:
+            # alice reconnects and resends; carol gets the message after all
+            deadline = time.monotonic() + TIMEOUT_S
+            assert a.messenger.wait_all_accepted(TIMEOUT_S)
+            with restarted.connect(carol.dh_private) as carol_again:
+                assert _wait_deliver(carol_again, msg_id, deadline), "carol's copy was lost"
+        finally:
+            restarted.stop()
