@@ -10,6 +10,7 @@ good: no copy in the relay, nothing left to resend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
@@ -21,7 +22,7 @@ from relayclient import RelayClient, RelayProcess
 
 from securechat import keys, wire
 from securechat.client.app import open_client
-from securechat.client.messenger import Event, StatusEvent
+from securechat.client.messenger import STATUS_DELIVERED, Event, StatusEvent
 from securechat.errors import ConnectionClosedError
 
 TIMEOUT_S = 10.0
@@ -64,11 +65,20 @@ def test_one_members_receipt_keeps_group_message_queued(
         assert b.messenger.wait_connected(TIMEOUT_S) and b.messenger.synced.wait(TIMEOUT_S)
         assert a.messenger.wait_connected(TIMEOUT_S)
         msg_id = a.messenger.send_text(a.conversation([bob.public, carol.public]), "hello")
-        # bob acks his copy: alice gets the relay's receipt for it ...
-        assert statuses.get(timeout=TIMEOUT_S) == 2
         assert _wait_deliver(carol_raw, msg_id, time.monotonic() + TIMEOUT_S)
-        # ... but carol's copy is neither acked nor stored: the message must stay queued.
+        # bob acks his copy: alice gets the relay's receipt for it ...
+        deadline = time.monotonic() + TIMEOUT_S
+        while b.messenger.received_count < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b.messenger.received_count == 1
+        time.sleep(0.5)  # bob's Ack -> the relay -> alice's Delivered receipt
+        # ... but carol's copy is neither acked nor stored: the message must stay queued,
+        # and it is not "delivered" to the group while one member's device lacks it.
         assert a.messenger.pending() == 1, "a receipt from one member dequeued the group message"
+        seen = []
+        while not statuses.empty():
+            seen.append(statuses.get())
+        assert STATUS_DELIVERED not in seen, "one member's receipt marked the group delivered"
         carol_raw.close()
         relay.kill()  # carol's copy was only in the relay's memory
         restarted = relay.restart()
@@ -80,3 +90,32 @@ def test_one_members_receipt_keeps_group_message_queued(
                 assert _wait_deliver(carol_again, msg_id, deadline), "carol's copy was lost"
         finally:
             restarted.stop()
+
+
+def test_group_message_delivered_once_every_member_has_it(
+    relay: RelayProcess, sc_home: Path
+) -> None:
+    address = f"{relay.host}:{relay.port}"
+    alice, bob, carol = (keys.generate_identity(n, os.urandom(keys.SEED_SIZE))
+                         for n in ("alice", "bob", "carol"))
+    statuses: queue.Queue[int] = queue.Queue()
+
+    def on_alice(event: Event) -> None:
+        if isinstance(event, StatusEvent):
+            statuses.put(event.status)
+
+    with open_client(None, address, None, lambda e: None, identity=bob) as b, \
+            open_client(None, address, None, lambda e: None, identity=carol) as c, \
+            open_client(None, address, None, on_alice, identity=alice) as a:
+        for member in (b, c):
+            assert member.messenger.wait_connected(TIMEOUT_S)
+            assert member.messenger.synced.wait(TIMEOUT_S)
+        assert a.messenger.wait_connected(TIMEOUT_S)
+        a.messenger.send_text(a.conversation([bob.public, carol.public]), "all of you")
+        assert a.messenger.wait_all_accepted(TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        seen: list[int] = []
+        while STATUS_DELIVERED not in seen and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                seen.append(statuses.get(timeout=0.1))
+        assert STATUS_DELIVERED in seen

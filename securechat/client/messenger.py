@@ -250,6 +250,7 @@ class Messenger:
         self._fetches: dict[bytes, tuple[threading.Event, list[wire.Prekeys]]] = {}
         self._retry_at = 0.0
         self._statuses: dict[bytes, int] = {}  # newest delivery mark per sent message
+        self._receipts: dict[bytes, tuple[int, set[bytes]]] = {}  # recipients, receipts seen
         self.synced = threading.Event()
         self.fatal: SecureChatError | None = None
         self.received_count = 0
@@ -376,6 +377,9 @@ class Messenger:
             else:
                 frame = wire.SendMulti(msg_id, tuple(payloads))
             encoded = wire.encode(frame)
+            self._receipts[msg_id] = (len(payloads), set())
+            while len(self._receipts) > MAX_TRACKED_STATUSES:
+                del self._receipts[next(iter(self._receipts))]
             with self.store.transaction():
                 self._save_state()
                 self.store.outbox_add(OutboxItem(msg_id, conv.conv_id, encoded, now))
@@ -465,8 +469,10 @@ class Messenger:
                 self._on_status(frame.msg_id, status, remove=True)
             elif isinstance(frame, wire.Delivered):
                 # A receipt for ONE recipient's copy: for a group the other copies may
-                # not be safe yet, so only Accepted takes a message out of the outbox.
-                self._on_status(frame.msg_id, STATUS_DELIVERED, remove=False)
+                # not be safe yet, so only Accepted takes a message out of the outbox,
+                # and the message shows as delivered once every member's device has it.
+                if self._all_receipts_in(frame):
+                    self._on_status(frame.msg_id, STATUS_DELIVERED, remove=False)
             elif isinstance(frame, wire.PrekeyCount):
                 self._replenish(link, frame.remaining)
             elif isinstance(frame, wire.Prekeys):
@@ -513,6 +519,23 @@ class Messenger:
             self._emit(MessageEvent(conv, content.msg_id, name, received.sender.fingerprint,
                                     verified, content.sent_ms, content.text,
                                     content.group is not None))
+
+    def _all_receipts_in(self, frame: wire.Delivered) -> bool:
+        """Count one recipient's receipt; True once every recipient's has come.
+
+        A message sent before this process started is not tracked: its receipt
+        counts as complete (after a restart a group mark may be early, never lost).
+        """
+        with self._lock:
+            entry = self._receipts.get(frame.msg_id)
+            if entry is None:
+                return True
+            expected, seen = entry
+            seen.add(frame.mailbox)
+            if len(seen) < expected:
+                return False
+            del self._receipts[frame.msg_id]
+            return True
 
     def _on_status(self, msg_id: bytes, status: int, *, remove: bool) -> None:
         with self._lock, self.store.transaction():
