@@ -14,7 +14,7 @@ import getpass
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -36,9 +36,6 @@ DEFAULT_HOME: Final = "keys"
 PRIVATE_SUFFIX: Final = ".key"
 PUBLIC_SUFFIX: Final = ".pub"
 MAX_KEY_FILE: Final = 16 * 1024  # a real key file is < 1 KiB; refuse to slurp huge files
-
-PassphrasePrompt = Callable[[str], str]
-
 
 def home() -> Path:
     """The key directory (not created)."""

@@ -14,7 +14,7 @@ import contextlib
 import os
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,20 @@ def relay(tmp_path: Path) -> Iterator[RelayProcess]:
     r.stop()
 
 
+def _people() -> tuple[keys.Identity, keys.Identity, keys.Identity]:
+    alice, bob, carol = (keys.generate_identity(n, os.urandom(keys.SEED_SIZE))
+                         for n in ("alice", "bob", "carol"))
+    return alice, bob, carol
+
+
+def _status_sink(statuses: queue.Queue[int]) -> Callable[[Event], None]:
+    """alice's event handler: the delivery marks she would see, in order."""
+    def on_event(event: Event) -> None:
+        if isinstance(event, StatusEvent):
+            statuses.put(event.status)
+    return on_event
+
+
 def _wait_deliver(conn: RelayClient, msg_id: bytes, deadline: float) -> bool:
     """True once ``conn`` gets a Deliver of ``msg_id`` (it never acks it)."""
     try:
@@ -50,13 +64,9 @@ def test_one_members_receipt_keeps_group_message_queued(
     relay: RelayProcess, sc_home: Path
 ) -> None:
     address = f"{relay.host}:{relay.port}"
-    alice, bob, carol = (keys.generate_identity(n, os.urandom(keys.SEED_SIZE))
-                         for n in ("alice", "bob", "carol"))
+    alice, bob, carol = _people()
     statuses: queue.Queue[int] = queue.Queue()
-
-    def on_alice(event: Event) -> None:
-        if isinstance(event, StatusEvent):
-            statuses.put(event.status)
+    on_alice = _status_sink(statuses)
 
     carol_raw = relay.connect(carol.dh_private)  # receives, never acks
     carol_raw.recv_until(lambda f: isinstance(f, wire.Synced), timeout=TIMEOUT_S)
@@ -96,13 +106,9 @@ def test_group_message_delivered_once_every_member_has_it(
     relay: RelayProcess, sc_home: Path
 ) -> None:
     address = f"{relay.host}:{relay.port}"
-    alice, bob, carol = (keys.generate_identity(n, os.urandom(keys.SEED_SIZE))
-                         for n in ("alice", "bob", "carol"))
+    alice, bob, carol = _people()
     statuses: queue.Queue[int] = queue.Queue()
-
-    def on_alice(event: Event) -> None:
-        if isinstance(event, StatusEvent):
-            statuses.put(event.status)
+    on_alice = _status_sink(statuses)
 
     with open_client(None, address, None, lambda e: None, identity=bob) as b, \
             open_client(None, address, None, lambda e: None, identity=carol) as c, \

@@ -30,7 +30,6 @@ from securechat.errors import (
     RelayKeyChangedError,
     RelayUnreachableError,
     StorageError,
-    TransportError,
 )
 
 RELAY_PREFIX: Final = "screlay1"
@@ -203,5 +202,3 @@ class RelayLink:
         with contextlib.suppress(OSError):
             self._sock.close()
 
-
-__all__ = ["KnownRelays", "RelayLink", "TransportError", "parse_address", "read_relay_key_file"]

@@ -124,9 +124,6 @@ class Router:
             return target
 
     # --- idempotency ---------------------------------------------------------------------------
-    def remember_acked(self, key: bytes) -> None:
-        self.remember_acked_many((key,))
-
     def remember_acked_many(self, keys: Iterable[bytes]) -> None:
         """Remember every entry of one Ack frame: one lock round for the whole frame."""
         with self._recent_lock:

@@ -31,11 +31,6 @@ CONNECT_GRACE: Final = 3.0  # seconds send waits for the relay before sealing of
 DEFAULT_ACK_TIMEOUT: Final = 30.0
 
 
-def format_message(event: MessageEvent, *, as_json: bool) -> str:
-    """One output line for a received message: the same lines as talk's pipe mode."""
-    return json_line(event) if as_json else pipe_line(event)
-
-
 class _Printer:
     """Prints messages as they arrive (from the network thread) and counts them."""
 
@@ -48,7 +43,7 @@ class _Printer:
     def __call__(self, event: Event) -> None:
         if isinstance(event, MessageEvent):
             with self._lock:
-                print(format_message(event, as_json=self.as_json), flush=True)
+                print(json_line(event) if self.as_json else pipe_line(event), flush=True)
                 self.last_message = time.monotonic()
         elif isinstance(event, ConnectionEvent):
             if event.connected:
