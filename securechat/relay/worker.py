@@ -67,6 +67,9 @@ log = logging.getLogger("securechat.relay")
 _READ: Final = selectors.EVENT_READ
 _WRITE: Final = selectors.EVENT_WRITE
 _SLOW_TIMERS_S: Final = 1.0
+_ACCEPT_BATCH: Final = 64  # connections accepted per listener event (then serve the others)
+_ACCEPT_BACKOFF_S: Final = 0.05  # after accept failed (e.g. out of descriptors): do not spin
+_LISTENER: Final = object()  # selector data of the listening socket
 _INFLIGHT_CHECK_S: Final = 0.05  # resolution of the ack timeout (seconds)
 
 
@@ -79,13 +82,16 @@ class RelayContext:
         router: Router,
         store: st.StoreThread,
         static_private: bytes,
+        admit: Callable[[str], bool],
         release: Callable[[str], None],
     ) -> None:
         self.config = config
         self.router = router
         self.store = store
         self.static_private = static_private
+        self.admit = admit  # takes an admission slot for an IP (False: over a cap)
         self.release = release  # gives back an admission slot for an IP
+        self.listener: socket.socket | None = None  # set by the relay before workers start
 
 
 class Conn:
@@ -177,6 +183,7 @@ class Worker:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, _READ, None)
+        self._accept_resume = 0.0  # when a paused listener is watched again (0: not paused)
         self._queue: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._local: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._signaled = False
@@ -202,6 +209,8 @@ class Worker:
 
     # --- cross-thread interface --------------------------------------------------------------
     def start(self) -> None:
+        if self.ctx.listener is not None:
+            self.sel.register(self.ctx.listener, _READ, _LISTENER)
         self._thread.start()
 
     def join(self, timeout: float) -> None:
@@ -237,6 +246,9 @@ class Worker:
                 conn = key.data
                 if conn is None:
                     self._drain_wakeups()
+                    continue
+                if conn is _LISTENER:
+                    self._accept()
                     continue
                 try:  # inline _guard: this is the per-event hot path
                     if mask & _READ and conn.state != CLOSED:
@@ -283,6 +295,37 @@ class Worker:
                 self._guard(None, fn, *args)
 
     # --- accepting and closing ----------------------------------------------------------------
+    def _accept(self) -> None:
+        """Take waiting connections from the shared listener (every worker watches it).
+
+        Accepting in the worker that will serve the connection, instead of in
+        an acceptor thread that hands it over, saves a thread switch, a
+        wake-up write and a GIL hand-off per connection (handshakes/s). With
+        several workers each accepts what it wins; the others see EAGAIN.
+        """
+        listener = self.ctx.listener
+        assert listener is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: pause, do not spin
+                log.warning("accept failed: %s", exc.strerror or exc)
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(listener)
+                self._accept_resume = self.now + _ACCEPT_BACKOFF_S
+                return
+            ip = addr[0]
+            if not self.ctx.admit(ip):
+                log.info("closed %s:%d: too many connections", ip, addr[1])
+                sock.close()
+                continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.add_connection(sock, (ip, addr[1]))
+
     def add_connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         if self._stopping:
             sock.close()
@@ -291,7 +334,7 @@ class Worker:
         conn = Conn(self, sock, addr, self.now)
         self.conns.add(conn)
         self.sel.register(sock, _READ, conn)
-        log.info("client connected from %s", conn.addr)
+        log.debug("client connected from %s", conn.addr)
 
     def close(self, conn: Conn, reason: str, error: tuple[int, bytes] | None = None) -> None:
         """Close one connection: send ``Error`` first if possible, keep every copy safe."""
@@ -332,6 +375,10 @@ class Worker:
         conn.inflight_bytes = 0
 
     def shutdown(self) -> None:
+        if self.ctx.listener is not None:  # stop accepting first
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.ctx.listener)
+            self._accept_resume = 0.0
         for conn in list(self.conns):
             self.close(conn, "relay shutting down", (wire.SERVER_SHUTDOWN, wire.NO_ID))
         self._stopping = True
@@ -501,6 +548,10 @@ class Worker:
     # --- timers -------------------------------------------------------------------------------
     def _timers(self) -> None:
         now = self.now
+        if self._accept_resume and now >= self._accept_resume and not self._stopping:
+            self._accept_resume = 0.0
+            assert self.ctx.listener is not None
+            self.sel.register(self.ctx.listener, _READ, _LISTENER)
         if self.paused and self.ctx.store.queued_bytes <= self.ctx.config.store_low_water:
             self._resume_all()
         if now >= self._next_inflight:  # ack deadlines are seconds: no need to look every turn
