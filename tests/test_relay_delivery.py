@@ -91,8 +91,27 @@ def test_live_accepted_only_after_ack(relay: RelayProcess) -> None:
         assert isinstance(frame, wire.Deliver) and frame.payload == b"live"
         no_frame(a, 0.3)  # not accepted while the recipient has not acked
         b.send_frame(wire.Ack(((a_pub, m),)))
+        # Accepted(2) is the receipt of a live single Send: no separate Delivered
+        assert a.recv_frame() == wire.Accepted(m, wire.STATUS_DELIVERED)
+        no_frame(a, 0.3)
+
+
+def test_live_send_multi_gets_a_receipt_per_copy(relay: RelayProcess) -> None:
+    a_priv, a_pub = new_identity()
+    b_priv, b_pub = new_identity()
+    c_priv, c_pub = new_identity()
+    with connect(relay, a_priv) as a, connect(relay, b_priv) as b, connect(relay, c_priv) as c:
+        m = mid()
+        a.send_frame(wire.SendMulti(m, ((mb(b_pub), b"to b"), (mb(c_pub), b"to c"))))
+        for reader in (b, c):
+            frame = reader.recv_frame()
+            assert isinstance(frame, wire.Deliver) and frame.msg_id == m
+        b.send_frame(wire.Ack(((a_pub, m),)))
+        assert a.recv_frame() == wire.Delivered(m, mb(b_pub))
+        no_frame(a, 0.3)  # c has not acked: no Accepted yet
+        c.send_frame(wire.Ack(((a_pub, m),)))
         got = {a.recv_frame(), a.recv_frame()}
-        assert got == {wire.Accepted(m, wire.STATUS_DELIVERED), wire.Delivered(m, mb(b_pub))}
+        assert got == {wire.Accepted(m, wire.STATUS_DELIVERED), wire.Delivered(m, mb(c_pub))}
 
 
 def test_unacked_live_copy_is_stored_after_ack_timeout(relay: RelayProcess) -> None:

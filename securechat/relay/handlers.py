@@ -6,8 +6,9 @@ Delivery rules, in the order they are applied to one copy (mailbox, sender, id):
 2. recipient offline -> stored; ``Accepted(1)`` after COMMIT (or QUOTA_EXCEEDED /
    STORE_FAILED, never a silent drop);
 3. recipient online, live, with room -> ``Deliver`` now; the sender's
-   ``Accepted(2)`` waits for the recipient's ``Ack``; no Ack within the ack
-   timeout, or the recipient leaves -> stored, then ``Accepted(1)``;
+   ``Accepted(2)`` waits for the recipient's ``Ack`` (and is the receipt: a
+   ``Delivered`` follows only for the copies of a SendMulti); no Ack within
+   the ack timeout, or the recipient leaves -> stored, then ``Accepted(1)``;
 4. recipient online but catching up from the store or stalled -> stored and
    fetched in order later (``Accepted(1)`` after COMMIT).
 
@@ -143,8 +144,10 @@ def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> None:
             to_delete.append(key)
             continue
         conn.inflight_bytes -= len(entry.copy.payload)
-        receipt = wire.encode_delivered(key[1], mailbox)
         first = entry.subs[0]
+        # A single Send's Accepted(2) already says "delivered to the device"; only a
+        # SendMulti's copies need their own receipt (its Accepted waits for all copies).
+        receipt = wire.encode_delivered(key[1], mailbox) if first.copies > 1 else None
         for sub in entry.subs:
             resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
     if not conn.inflight:

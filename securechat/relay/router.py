@@ -43,11 +43,12 @@ Outcome = int
 class Submission:
     """One Send/SendMulti: Accepted once every copy is safe, Error if one is refused."""
 
-    __slots__ = ("conn", "done", "msg_id", "remaining", "status")
+    __slots__ = ("conn", "copies", "done", "msg_id", "remaining", "status")
 
     def __init__(self, conn: Conn, msg_id: bytes, copies: int) -> None:
         self.conn = conn
         self.msg_id = msg_id
+        self.copies = copies
         self.remaining = copies
         self.status = 2
         self.done = False
