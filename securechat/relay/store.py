@@ -16,9 +16,22 @@ Failure: if a batch fails (disk full, read-only, corrupt), it is rolled back
 and every request is retried alone, so only the ones that really fail get the
 failure reply (the relay turns it into ``Error(STORE_FAILED)``).
 
-Schema version 1 (``PRAGMA user_version``); frames are ordered by an
+Schema version 2 (``PRAGMA user_version``); frames are ordered by an
 AUTOINCREMENT ``seq`` that never reuses a value, so a reader's cursor
 (``seq > last seen``) cannot miss a row inserted after a deletion.
+
+Why version 2 names parties by number: every stored frame adds one entry to
+two indexes that lead with the mailbox (the duplicate check and the reader's
+``(mailbox, seq)`` order), and those land on a random index page per frame,
+so each COMMIT writes (and fsyncs) one page per frame per index. Version 1
+spelled the 32-byte mailbox and sender keys in each entry (about 90 bytes);
+version 2 maps each key once to a small integer (table ``parties``), so the
+entries are about 25 bytes, the indexes four times smaller, and a batch
+touches far fewer pages: the bytes written per frame fell from about 16 KiB
+to about 4 KiB. The map is exact (no hash, no collision); its in-memory
+cache is dropped on every rollback, so it never names an id that was not
+committed. A version 1 store is migrated in one transaction on open, and a
+newer version is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ from securechat.relay.limits import MAX_STORED_OTKS, STORE_BATCH, RelayConfig
 
 log = logging.getLogger("securechat.relay")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DB_FILE: Final = "relay.sqlite3"
 PAGE_SIZE: Final = 4096
 WAL_SIZE_LIMIT: Final = 1024 * 1024  # bytes kept of the WAL after a checkpoint
@@ -58,12 +71,15 @@ RESERVE_FILE: Final = "relay.reserve"
 RESERVE_BYTES: Final = 128 * 1024
 SPACE_CHECK_S: Final = 0.5  # how often a store in low-space mode retries the reserve
 FAILED: Final = 4
+# Chosen: party ids kept in memory (32-byte key -> int); past it the cache starts over.
+MAX_CACHED_PARTIES: Final = 1 << 18
 
 _SCHEMA: Final = """
+CREATE TABLE parties(id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE);
 CREATE TABLE frames(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    mailbox BLOB NOT NULL,
-    sender BLOB NOT NULL,
+    mailbox INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
     msg_id BLOB NOT NULL,
     ts INTEGER NOT NULL,
     expires INTEGER NOT NULL,
@@ -80,6 +96,23 @@ CREATE TABLE one_time_prekeys(
 );
 CREATE INDEX otks_by_identity ON one_time_prekeys(identity, id);
 """
+
+# Version 1 -> 2: the same rows (same seq) with keys replaced by party ids; the
+# AUTOINCREMENT counter carried over so no seq is ever handed out twice.
+_MIGRATE_1_TO_2: Final = (
+    "CREATE TABLE parties(id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE)",
+    "INSERT INTO parties(key) SELECT mailbox FROM frames UNION SELECT sender FROM frames",
+    "CREATE TABLE frames_v2(seq INTEGER PRIMARY KEY AUTOINCREMENT, mailbox INTEGER NOT NULL,"
+    " sender INTEGER NOT NULL, msg_id BLOB NOT NULL, ts INTEGER NOT NULL,"
+    " expires INTEGER NOT NULL, payload BLOB NOT NULL, UNIQUE(mailbox, sender, msg_id))",
+    "INSERT INTO frames_v2(seq, mailbox, sender, msg_id, ts, expires, payload)"
+    " SELECT f.seq, m.id, s.id, f.msg_id, f.ts, f.expires, f.payload FROM frames f"
+    " JOIN parties m ON m.key = f.mailbox JOIN parties s ON s.key = f.sender ORDER BY f.seq",
+    "DROP TABLE frames",
+    "ALTER TABLE frames_v2 RENAME TO frames",
+    "CREATE INDEX frames_by_mailbox ON frames(mailbox, seq)",
+    "CREATE INDEX frames_by_expiry ON frames(expires)",
+)
 
 Row = tuple[int, bytes, bytes, int, bytes]  # seq, sender, msg_id, ts, payload
 
@@ -98,6 +131,7 @@ class MailboxStore:
         self._ttl_ms = int(config.ttl * 1000)
         self._reserve = path.with_name(RESERVE_FILE)
         self.low_space = not self.restore_reserve(headroom=0)
+        self._parties: dict[bytes, int] = {}  # cache of the parties table (key -> id)
         try:
             # Created 0600 before SQLite opens it; its -wal/-shm files copy the mode.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -122,11 +156,69 @@ class MailboxStore:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version == 1:
+            self._migrate_from_1()
         elif version != SCHEMA_VERSION:
-            raise StorageError(f"relay store has schema version {version}, expected 1")
+            raise StorageError(
+                f"relay store has schema version {version}, expected {SCHEMA_VERSION}"
+                " (written by a newer relay? run that version or move the store away)"
+            )
         if self._config.store_max_bytes:
             pages = max(self._config.store_max_bytes // PAGE_SIZE, 1)
             db.execute(f"PRAGMA max_page_count={pages}")
+
+    def _migrate_from_1(self) -> None:
+        """Rewrite a version 1 store in one transaction (all or nothing), keeping every seq."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            last = db.execute(
+                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'frames'"
+            ).fetchone()[0]
+            for statement in _MIGRATE_1_TO_2:
+                db.execute(statement)
+            db.execute("DELETE FROM sqlite_sequence WHERE name IN ('frames', 'frames_v2')")
+            db.execute(
+                "INSERT INTO sqlite_sequence(name, seq)"
+                " SELECT 'frames', max(?, coalesce(max(seq), 0)) FROM frames",
+                (last,),
+            )
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        log.info("relay store migrated from schema version 1 to %d", SCHEMA_VERSION)
+
+    def _party(self, key: bytes, *, create: bool) -> int | None:
+        """The id of a mailbox or sender key; with ``create``, a new one if it has none.
+
+        The cache only ever holds ids read or written in the current transaction
+        or before it; ``forget_uncommitted`` empties it on rollback, so an id that
+        a rollback undid is never used for another row.
+        """
+        pid = self._parties.get(key)
+        if pid is not None:
+            return pid
+        row = self.db.execute("SELECT id FROM parties WHERE key=?", (key,)).fetchone()
+        if row is not None:
+            pid = int(row[0])
+        elif not create:
+            return None
+        else:
+            cur = self.db.execute("INSERT INTO parties(key) VALUES (?)", (key,))
+            assert cur.lastrowid is not None
+            pid = cur.lastrowid
+        if len(self._parties) >= MAX_CACHED_PARTIES:
+            self._parties.clear()
+        self._parties[key] = pid
+        return pid
+
+    def forget_uncommitted(self) -> None:
+        """After a rollback: drop cached party ids (some may be undone) and recount usage."""
+        self._parties.clear()
+        self.recount()
 
     def release_reserve(self) -> bool:
         """The disk is full: free the reserve and stop accepting new frames."""
@@ -172,9 +264,10 @@ class MailboxStore:
 
     def recount(self) -> None:
         rows = self.db.execute(
-            "SELECT mailbox, count(*), sum(length(payload)) FROM frames GROUP BY mailbox"
+            "SELECT p.key, count(*), sum(length(f.payload)) FROM frames f"
+            " JOIN parties p ON p.id = f.mailbox GROUP BY f.mailbox"
         )
-        self.usage = {mb: [n, size] for mb, n, size in rows}
+        self.usage = {bytes(mb): [n, size] for mb, n, size in rows}
 
     def close(self) -> None:
         self.db.close()
@@ -197,15 +290,13 @@ class MailboxStore:
         if not force and (
             usage[0] + 1 > cfg.quota_frames or usage[1] + len(payload) > cfg.quota_bytes
         ):
-            exists = self.db.execute(
-                "SELECT 1 FROM frames WHERE mailbox=? AND sender=? AND msg_id=?",
-                (mailbox, sender, msg_id),
-            ).fetchone()
-            return DUPLICATE if exists else OVER_QUOTA
+            return DUPLICATE if self._exists(mailbox, sender, msg_id) else OVER_QUOTA
+        mailbox_id = self._party(mailbox, create=True)
+        sender_id = self._party(sender, create=True)
         cur = self.db.execute(
             "INSERT OR IGNORE INTO frames(mailbox, sender, msg_id, ts, expires, payload)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (mailbox, sender, msg_id, ts, ts + self._ttl_ms, payload),
+            (mailbox_id, sender_id, msg_id, ts, ts + self._ttl_ms, payload),
         )
         if cur.rowcount != 1:
             return DUPLICATE
@@ -213,15 +304,30 @@ class MailboxStore:
         usage[1] += len(payload)
         return INSERTED
 
+    def _exists(self, mailbox: bytes, sender: bytes, msg_id: bytes) -> bool:
+        mailbox_id = self._party(mailbox, create=False)
+        sender_id = self._party(sender, create=False)
+        if mailbox_id is None or sender_id is None:
+            return False
+        row = self.db.execute(
+            "SELECT 1 FROM frames WHERE mailbox=? AND sender=? AND msg_id=?",
+            (mailbox_id, sender_id, msg_id),
+        ).fetchone()
+        return row is not None
+
     def fetch(
         self, mailbox: bytes, after_seq: int, limit: int, now_ms: int, max_bytes: int = 0
     ) -> list[Row]:
         """Up to ``limit`` rows after ``after_seq``; with ``max_bytes``, stop at the row
         that reaches that many payload bytes (memory: many readers fetch at once)."""
+        mailbox_id = self._party(mailbox, create=False)
+        if mailbox_id is None:
+            return []
         cur = self.db.execute(
-            "SELECT seq, sender, msg_id, ts, payload FROM frames"
-            " WHERE mailbox=? AND seq>? AND expires>=? ORDER BY seq LIMIT ?",
-            (mailbox, after_seq, now_ms, limit),
+            "SELECT f.seq, p.key, f.msg_id, f.ts, f.payload FROM frames f"
+            " JOIN parties p ON p.id = f.sender"
+            " WHERE f.mailbox=? AND f.seq>? AND f.expires>=? ORDER BY f.seq LIMIT ?",
+            (mailbox_id, after_seq, now_ms, limit),
         )
         if not max_bytes:
             return cur.fetchall()
@@ -236,10 +342,14 @@ class MailboxStore:
         return rows
 
     def delete(self, mailbox: bytes, sender: bytes, msg_id: bytes) -> bool:
+        mailbox_id = self._party(mailbox, create=False)
+        sender_id = self._party(sender, create=False)
+        if mailbox_id is None or sender_id is None:
+            return False
         row = self.db.execute(
             "DELETE FROM frames WHERE mailbox=? AND sender=? AND msg_id=?"
             " RETURNING length(payload)",
-            (mailbox, sender, msg_id),
+            (mailbox_id, sender_id, msg_id),
         ).fetchone()
         if row is None:
             return False
@@ -250,8 +360,18 @@ class MailboxStore:
         return True
 
     def purge(self, now_ms: int) -> int:
+        """Delete expired frames; then forget parties no frame names any more.
+
+        The parties sweep scans the frames once, like ``recount``, so it runs
+        only when something expired (not on every acknowledgement).
+        """
         count = self.db.execute("DELETE FROM frames WHERE expires<?", (now_ms,)).rowcount
         if count:
+            self._parties.clear()  # ids below may be deleted (and later reused)
+            self.db.execute(
+                "DELETE FROM parties WHERE id NOT IN (SELECT sender FROM frames)"
+                " AND NOT EXISTS (SELECT 1 FROM frames WHERE mailbox = parties.id)"
+            )
             self.recount()
         return count
 
@@ -452,7 +572,7 @@ class StoreThread:
         with contextlib.suppress(sqlite3.Error):
             self._store.db.execute("ROLLBACK")
         try:
-            self._store.recount()
+            self._store.forget_uncommitted()
         except sqlite3.Error as exc:
             log.warning("store recount failed: %s", exc)
 
