@@ -254,3 +254,58 @@ def test_store_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
             else:
                 assert s.usage.get(mailbox, [0, 0])[0] == 0
     s.close()
+
+
+def test_may_hold_covers_queued_stored_and_acked_frames(tmp_path: Path) -> None:
+    """A connection skips its first backlog fetch only when may_hold says no:
+    a queued (uncommitted) insert and a stored frame must both say yes."""
+    store = make_store(tmp_path)
+    thread = store_mod.StoreThread(store, RelayConfig(data_dir=tmp_path), lambda boxes: None)
+    box, sender = key("box"), key("sender")
+    assert not thread.may_hold(box)
+
+    done = threading.Event()
+
+    class Poster:
+        def call_soon(self, fn: Any, *args: Any) -> None:
+            fn(*args)
+            done.set()
+
+    def insert(s: store_mod.MailboxStore, now: int) -> int:
+        return s.insert(box, sender, mid(1), now, b"payload", force=False)
+
+    request = store_mod.Request(op=insert, poster=Poster(), fn=lambda r: None, mailbox=box, size=7)
+    thread.put(request)
+    assert thread.may_hold(box)  # queued, not run yet: the store thread is not started
+    assert not thread.may_hold(key("other"))
+    thread.start()
+    try:
+        assert done.wait(5)
+        assert thread.may_hold(box)  # committed: stored
+        done.clear()
+        thread.put(store_mod.Request(
+            op=lambda s, now: s.delete(box, sender, mid(1)), poster=Poster(), fn=lambda r: None))
+        assert done.wait(5)
+        assert not thread.may_hold(box)  # acknowledged and deleted: nothing left
+    finally:
+        thread.stop()
+
+
+def test_prekey_count_follows_publish_take_and_rollback(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    alice = key("alice")
+    store.db.execute("BEGIN")
+    assert store.publish_prekeys(alice, b"spk", (b"k1", b"k2", b"k3")) == 3
+    store.db.execute("COMMIT")
+    assert store.otk_counts[alice] == 3
+    store.db.execute("BEGIN")
+    assert store.take_prekeys(alice) == (b"spk", b"k1")
+    store.db.execute("COMMIT")
+    assert store.otk_counts[alice] == 2
+    store.db.execute("BEGIN")
+    store.take_prekeys(alice)
+    store.db.execute("ROLLBACK")
+    store.forget_uncommitted()  # what the store thread does after a failed batch
+    assert store.otk_counts[alice] == 2
+    reopened = make_store(tmp_path)
+    assert reopened.otk_counts[alice] == 2

@@ -184,12 +184,6 @@ def on_publish(w: Worker, conn: Conn, f: wire.PublishPrekeys) -> None:
     w.store_request(op, lambda count: _reply_count(w, conn, count))
 
 
-def send_prekey_count(w: Worker, conn: Conn) -> None:
-    identity = conn.identity
-    assert identity is not None
-    w.store_request(lambda s, now: s.count_prekeys(identity), lambda n: _reply_count(w, conn, n))
-
-
 def _reply_count(w: Worker, conn: Conn, count: int | None) -> None:
     if count is None:
         frame = wire.Error(wire.STORE_FAILED, wire.NO_ID, "relay store failed")

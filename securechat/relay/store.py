@@ -139,8 +139,11 @@ class MailboxStore:
             self._setup()
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the relay store {path}: {exc}") from exc
-        # Per mailbox [frames, bytes] for the quota, kept in memory.
+        # Per mailbox [frames, bytes] for the quota, kept in memory; and per identity
+        # the one-time prekeys held, so a new connection learns its count without a
+        # store round trip (workers read both dicts; only the store thread writes).
         self.usage: dict[bytes, list[int]] = {}
+        self.otk_counts: dict[bytes, int] = {}
         self.recount()
 
     def _setup(self) -> None:
@@ -268,6 +271,10 @@ class MailboxStore:
             " JOIN parties p ON p.id = f.mailbox GROUP BY f.mailbox"
         )
         self.usage = {bytes(mb): [n, size] for mb, n, size in rows}
+        counts = self.db.execute(
+            "SELECT identity, count(*) FROM one_time_prekeys GROUP BY identity"
+        )
+        self.otk_counts = {bytes(identity): n for identity, n in counts}
 
     def close(self) -> None:
         self.db.close()
@@ -388,7 +395,8 @@ class MailboxStore:
             "INSERT INTO one_time_prekeys(identity, otk) VALUES (?, ?)",
             [(identity, otk) for otk in otks[: max(room, 0)]],
         )
-        return self.count_prekeys(identity)
+        count = self.otk_counts[identity] = self.count_prekeys(identity)
+        return count
 
     def count_prekeys(self, identity: bytes) -> int:
         row = self.db.execute(
@@ -408,6 +416,8 @@ class MailboxStore:
             " WHERE identity=? ORDER BY id LIMIT 1) RETURNING otk",
             (identity,),
         ).fetchone()
+        if otk is not None:
+            self.otk_counts[identity] = max(self.otk_counts.get(identity, 1) - 1, 0)
         return bytes(row[0]), (bytes(otk[0]) if otk else None)
 
 
@@ -443,22 +453,57 @@ class StoreThread:
         # ``store_high_water`` (see worker.py), so a burst cannot grow this queue.
         self._count_lock = threading.Lock()
         self.queued_bytes = 0
+        # Inserts queued or running, per mailbox (same lock): with none, and no frame
+        # stored, a new connection for that mailbox need not ask the store for its backlog.
+        self._pending_inserts: dict[bytes, int] = {}
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, request: Request) -> None:
-        if request.size:
+        mailbox = request.mailbox
+        if request.size or mailbox is not None:
             with self._count_lock:
                 self.queued_bytes += request.size
+                if mailbox is not None:
+                    pending = self._pending_inserts
+                    pending[mailbox] = pending.get(mailbox, 0) + 1
         self._queue.put(request)
 
     def _settled(self, batch: list[Request]) -> None:
         """Committed (or failed): forget the batch's bytes (the workers' back-pressure)."""
+        inserts = [req.mailbox for req in batch if req.mailbox is not None]
         size = sum(req.size for req in batch)
-        if size:
+        if size or inserts:
             with self._count_lock:
                 self.queued_bytes -= size
+                pending = self._pending_inserts
+                for mailbox in inserts:
+                    left = pending[mailbox] - 1
+                    if left:
+                        pending[mailbox] = left
+                    else:
+                        del pending[mailbox]
+
+    def may_hold(self, mailbox: bytes) -> bool:
+        """False only if ``mailbox`` has no stored frame and no insert queued or running.
+
+        Called by a worker while it registers a connection under the router's
+        lock, after which every new offline copy is routed to that connection.
+        The pending count is read first: an insert raises it (put) before it
+        raises the usage (insert) and lowers it (settled) only after, so at
+        every moment one of the two shows a frame that may exist; and one that
+        commits later tells the registered connection (``on_new_rows``).
+        """
+        with self._count_lock:
+            if mailbox in self._pending_inserts:
+                return True
+        usage = self._store.usage.get(mailbox)
+        return usage is not None and usage[0] > 0
+
+    def prekey_count(self, identity: bytes) -> int:
+        """One-time prekeys held for ``identity`` (a hint for the client to replenish)."""
+        return self._store.otk_counts.get(identity, 0)
 
     def stop(self) -> None:
         """Finish every queued request, then close the database."""

@@ -458,12 +458,36 @@ class Worker:
         conn.fp = fingerprint(identity)
         log.info("authenticated %s from %s", conn.fp, conn.addr)
         conn.fetching = True
-        old = self.ctx.router.register(conn, lambda: self.request_fetch(conn))
+        old = self.ctx.router.register(conn, lambda: self._first_sync(conn))
         if old is not None:
             old.worker.call_soon(old.worker.close, old, "replaced by a newer connection")
         else:
             self._presence_changed(conn, online=True)
-        handlers.send_prekey_count(self, conn)
+        self.drained(conn)
+
+    def _first_sync(self, conn: Conn) -> None:
+        """Under the router's lock at registration: fetch the backlog, if there can be one.
+
+        Most connections find their mailbox empty; asking the store would cost
+        two thread hand-offs per connection (handshakes/s). See
+        ``StoreThread.may_hold`` for why "no" is safe to trust here.
+        """
+        mailbox = conn.mailbox
+        assert mailbox is not None
+        if self.ctx.store.may_hold(mailbox):
+            self.request_fetch(conn)
+        else:
+            conn.fetching = False
+            self._synced(conn)
+
+    def _synced(self, conn: Conn) -> None:
+        """The backlog is sent: ``Synced``, then the prekey count (protocol 3.3)."""
+        identity = conn.identity
+        assert identity is not None
+        conn.synced = True
+        self.queue_frame(conn, wire.encode(wire.Synced()))
+        count = self.ctx.store.prekey_count(identity)
+        self.queue_frame(conn, wire.encode(wire.PrekeyCount(count)))
 
     # --- writing ------------------------------------------------------------------------------
     def queue_frame(self, conn: Conn, data: bytes) -> None:
@@ -664,8 +688,7 @@ class Worker:
         if len(rows) == FETCH_BATCH or size >= FETCH_BYTES:
             conn.store_dirty = True
         elif not conn.synced:
-            conn.synced = True
-            self.queue_frame(conn, wire.encode(wire.Synced()))
+            self._synced(conn)
         self.drained(conn)
 
     def drained(self, conn: Conn) -> None:
