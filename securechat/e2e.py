@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -73,11 +74,15 @@ MAX_NAME_BYTES: Final = 255
 STATE_MAGIC: Final = b"SCE2E"
 STATE_VERSION: Final = 1
 DIGEST_SIZE: Final = 16
-_DIGEST_KEY: Final = b"securechat/v1/payload-digest"
-_DIGEST_ALGORITHM: Final = hashes.BLAKE2b(64)
+# SHA-256 (was BLAKE2b-512 with label ".../v1/..."): OpenSSL runs it with the CPU's SHA
+# instructions, the same code as the ratchet's HMAC-SHA256; measurably cheaper per message.
+# Digests stored by an older version simply never match again (a collision is negligible).
+_DIGEST_KEY: Final = b"securechat/v2/payload-digest"
+_DIGEST_ALGORITHM: Final = hashes.SHA256()
 _U8: Final = struct.Struct(">B")
 _U32: Final = struct.Struct(">I")
 _U64: Final = struct.Struct(">Q")
+_NORMAL_PREFIX: Final = envelope.encode_prefix(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,33 +105,42 @@ class _Session:
 
 @dataclass(slots=True)
 class _Peer:
+    # OrderedDicts: evicting the oldest entry is O(1); popping a plain dict's
+    # first key over and over makes every later lookup of the first key slower.
     identity: PublicIdentity
     sessions: list[_Session] = field(default_factory=list)
-    seen_ids: dict[bytes, None] = field(default_factory=dict)
-    seen_payloads: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    seen_ids: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    seen_payloads: OrderedDict[bytes, tuple[bytes, int]] = field(default_factory=OrderedDict)
 
     def remember(self, digest: bytes, content: Content) -> None:
-        self.seen_ids[content.msg_id] = None
-        self.seen_payloads[digest] = (content.msg_id, content.sent_ms)
-        for seen in (self.seen_ids, self.seen_payloads):
-            while len(seen) > MAX_SEEN:
-                del seen[next(iter(seen))]
+        msg_id, ids, payloads = content.msg_id, self.seen_ids, self.seen_payloads
+        ids[msg_id] = None
+        payloads[digest] = (msg_id, content.sent_ms)
+        while len(ids) > MAX_SEEN:
+            ids.popitem(last=False)
+        while len(payloads) > MAX_SEEN:
+            payloads.popitem(last=False)
+
+
+# A hash already fed with the label: each digest starts from a copy of it,
+# which is cheaper than building and feeding a fresh hash object.
+_DIGEST_BASE: Final = hashes.Hash(_DIGEST_ALGORITHM)
+_DIGEST_BASE.update(_DIGEST_KEY)
 
 
 def _digest(payload: bytes) -> bytes:
     # A dedup index, not a secret; still only the primitives of our two crypto
-    # libraries (cryptography's BLAKE2b is cheaper per call than PyNaCl's wrapper).
-    digest = hashes.Hash(_DIGEST_ALGORITHM)
-    digest.update(_DIGEST_KEY)
+    # libraries (cryptography's hashes are cheaper per call than PyNaCl's wrapper).
+    digest = _DIGEST_BASE.copy()
     digest.update(payload)
     return digest.finalize()[:DIGEST_SIZE]
 
 
-def _trim(ordered: dict[bytes, int], bound: int) -> int:
+def _trim(ordered: OrderedDict[bytes, int], bound: int) -> int:
     """Drop the oldest entries beyond ``bound``; return the largest value dropped."""
     dropped = -1
     while len(ordered) > bound:
-        dropped = max(dropped, ordered.pop(next(iter(ordered))))
+        dropped = max(dropped, ordered.popitem(last=False)[1])
     return dropped
 
 
@@ -139,7 +153,8 @@ class E2EState:
         self._one_time: dict[int, OneTimePrekeySecret] = {}
         self._next_prekey_id = 1
         self._peers: dict[bytes, _Peer] = {}
-        self._ephemerals: dict[bytes, int] = {}  # accepted EK -> its message's sent_ms
+        # accepted EK -> its message's sent_ms, oldest first
+        self._ephemerals: OrderedDict[bytes, int] = OrderedDict()
         self._ephemeral_floor_ms = -1
 
     @classmethod
@@ -188,6 +203,8 @@ class E2EState:
 
     def _peer_record(self, peer: PublicIdentity) -> _Peer:
         record = self._peers.get(peer.dh)
+        if record is not None and record.identity is peer:
+            return record
         if record is None:
             record = self._peers[peer.dh] = _Peer(peer)
         elif not record.identity.same_keys(peer):
@@ -222,35 +239,42 @@ class E2EState:
                 0, _Session(peer, agreement.associated_data, header.ephemeral, prefix, state)
             )
         session = record.sessions[0]
-        prefix = session.initial or envelope.encode_prefix(None)
+        prefix = session.initial or _NORMAL_PREFIX
         return prefix + ratchet.encrypt(session.state, plaintext, session.ad + prefix, rng)
 
     # --- receiving ---------------------------------------------------------------------------
 
     def decrypt(self, sender_dh: bytes, payload: bytes, now_ms: int) -> Received:
         """Open a payload the relay says ``sender_dh`` sent (see module rules)."""
-        self._expire_signed(now_ms)
-        env = envelope.decode_envelope(payload)
+        if len(self._signed) > 1:  # only retired signed prekeys can expire
+            self._expire_signed(now_ms)
+        initial, prefix, message = envelope.decode_envelope(payload)
         record = self._peers.get(sender_dh)
         digest = _digest(payload)
-        if record is not None and digest in record.seen_payloads:
-            msg_id, sent_ms = record.seen_payloads[digest]
-            return Received(record.identity, Content(msg_id, sent_ms, ""), True)
-        if env.initial is not None:
-            session, new, opk_id = self._initial_session(sender_dh, env.initial, record)
+        if record is not None:
+            seen = record.seen_payloads.get(digest)
+            if seen is not None:
+                return Received(record.identity, Content(seen[0], seen[1], ""), True)
+        if initial is not None:
+            session, new, opk_id = self._initial_session(sender_dh, initial, record)
             candidates = [session]
+        elif record is None:
+            raise AuthenticationError()
         else:
             new, opk_id = False, None
-            candidates = list(record.sessions) if record is not None else []
+            # no copy needed: the list only changes in _commit, right before we return
+            candidates = record.sessions
         for session in candidates:
             try:
-                ad = session.ad + env.prefix
-                plaintext, update = ratchet.decrypt(session.state, env.message, ad)
+                plaintext, update = ratchet.decrypt(session.state, message, session.ad + prefix)
             except AuthenticationError:
                 continue
             content = envelope.decode_content(plaintext)
-            self._check_content(session.peer, content, new)
-            return self._commit(session, update, content, digest, new, opk_id)
+            if new or content.group is not None:
+                self._check_content(session.peer, content, new)
+            if record is None:
+                record = self._peer_record(session.peer)
+            return self._commit(record, session, update, content, digest, new, opk_id)
         raise AuthenticationError()
 
     def _initial_session(
@@ -300,6 +324,7 @@ class E2EState:
 
     def _commit(
         self,
+        record: _Peer,
         session: _Session,
         update: ratchet.Update,
         content: Content,
@@ -307,8 +332,8 @@ class E2EState:
         new: bool,
         opk_id: int | None,
     ) -> Received:
+        """Apply an accepted message; ``record`` is the sender's (the session's peer)."""
         ratchet.apply(session.state, update)
-        record = self._peer_record(session.peer)
         if new:
             if opk_id is not None:
                 del self._one_time[opk_id]
@@ -316,11 +341,13 @@ class E2EState:
             self._ephemeral_floor_ms = max(
                 self._ephemeral_floor_ms, _trim(self._ephemerals, MAX_SEEN_EPHEMERALS)
             )
+            record.sessions.insert(0, session)
+            del record.sessions[MAX_SESSIONS_PER_PEER:]
         else:
-            record.sessions.remove(session)
             session.initial = None  # the peer answered, so it has the session
-        record.sessions.insert(0, session)
-        del record.sessions[MAX_SESSIONS_PER_PEER:]
+            if record.sessions[0] is not session:
+                record.sessions.remove(session)
+                record.sessions.insert(0, session)
         duplicate = content.msg_id in record.seen_ids
         record.remember(digest, content)
         return Received(record.identity, content, duplicate)

@@ -296,3 +296,32 @@ def test_simultaneous_start_converges(rng: Rng) -> None:
     assert alice._peers[bob.identity.public.dh].sessions[0].ephemeral == (
         bob._peers[alice.identity.public.dh].sessions[0].ephemeral
     )
+
+
+def test_redelivered_payload_is_a_duplicate_but_a_modified_copy_is_rejected(rng: Rng) -> None:
+    """The dedup digest covers every byte: only an identical payload counts as seen."""
+    alice, bob = party("alice", 1), party("bob", 2)
+    sender = alice.identity.public.dh
+    first = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+    bob.decrypt(sender, first, 0)
+    payload = alice.encrypt(bob.identity.public, msg(2), rng, 0)
+    assert bob.decrypt(sender, payload, 0).content == msg(2)
+    bob = E2EState.deserialize(bob.identity, bob.serialize())  # survives a restart
+    again = bob.decrypt(sender, payload, 0)
+    assert again.duplicate and again.content == Content(msg(2).msg_id, msg(2).sent_ms, "")
+    for where in (len(payload) // 2, len(payload) - 20):  # ciphertext body, tag untouched
+        forged = bytearray(payload)
+        forged[where] ^= 1
+        with pytest.raises(AuthenticationError):
+            bob.decrypt(sender, bytes(forged), 0)
+
+
+def test_seen_sets_evict_oldest_first(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    bob.decrypt(alice.identity.public.dh, alice.encrypt(bob.identity.public, msg(0), rng, 0), 0)
+    record = bob._peers[alice.identity.public.dh]
+    for i in range(1, 2 * MAX_SEEN + 3):
+        record.remember(i.to_bytes(16, "big"), msg(i))
+    kept = range(MAX_SEEN + 3, 2 * MAX_SEEN + 3)
+    assert list(record.seen_ids) == [msg(i).msg_id for i in kept]
+    assert list(record.seen_payloads) == [i.to_bytes(16, "big") for i in kept]

@@ -154,3 +154,41 @@ def test_envelope_rejects_non_bucket_ciphertext_sizes() -> None:
             envelope.decode_envelope(prefix + bytes(size))
     with pytest.raises(AuthenticationError):
         envelope.decode_envelope(b"\x02\x02" + bytes(ratchet.OVERHEAD + 64))
+
+
+def _unpad_reference(padded: bytes) -> bytes:
+    """The straightforward definition: strip zeros, then one 0x80, then check the bucket."""
+    if len(padded) not in envelope.PAD_BUCKETS:
+        raise SessionError("size")
+    record = padded.rstrip(b"\x00")
+    if not record or record[-1] != envelope.PAD_MARKER:
+        raise SessionError("marker")
+    record = record[:-1]
+    if next(b for b in envelope.PAD_BUCKETS if b > len(record)) != len(padded):
+        raise SessionError("bucket")
+    return record
+
+
+@st.composite
+def padded_like(draw: st.DrawFn) -> bytes:
+    """Canonical paddings, paddings to a too-large bucket, and either with one byte changed."""
+    record = draw(st.binary(max_size=300))
+    bucket = draw(st.sampled_from([b for b in envelope.PAD_BUCKETS[:5] if b > len(record)]))
+    padded = bytearray(record + b"\x80" + bytes(bucket - len(record) - 1))
+    if draw(st.booleans()):
+        where = draw(st.integers(0, len(padded) - 1))
+        padded[where] = draw(st.sampled_from([0x00, 0x01, 0x80]))
+    return bytes(padded)
+
+
+@given(padded_like() | st.binary(min_size=64, max_size=64) | st.binary(min_size=128, max_size=128))
+@settings(max_examples=400)
+def test_unpad_agrees_with_its_definition(padded: bytes) -> None:
+    """The fast marker search accepts and rejects exactly what the definition does."""
+    try:
+        expected = _unpad_reference(padded)
+    except SessionError:
+        with pytest.raises(SessionError):
+            envelope.unpad(padded)
+        return
+    assert envelope.unpad(padded) == expected

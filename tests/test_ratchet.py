@@ -150,3 +150,55 @@ def test_kdf_chain_constants_per_spec() -> None:
     next_ck, mk = ratchet.kdf_ck(ck)
     assert mk == hmac.new(ck, b"\x01", hashlib.sha256).digest()
     assert next_ck == hmac.new(ck, b"\x02", hashlib.sha256).digest()
+
+
+def test_version_1_messages_are_refused_without_state_change() -> None:
+    """A message in the old format (version 1: XChaCha20-Poly1305, 24-byte nonce) never opens."""
+    import nacl.bindings
+
+    alice, bob, rng = make_pair()
+    msg = ratchet.encrypt(alice, b"v2", AD, rng)  # type: ignore[arg-type]
+    # Bob's key for message 0 of Alice's first chain (KDF_RK on his side, then KDF_CK)
+    _, chain = ratchet.kdf_rk(bob.root_key, dh.x25519(bob.dhs_private, msg[1:33]))
+    _, mk = ratchet.kdf_ck(chain)
+    header = msg[: ratchet.HEADER_SIZE]
+    body = msg[ratchet.HEADER_SIZE + ratchet.NONCE_SIZE :]
+    assert ratchet.open_sealed(mk, msg[ratchet.HEADER_SIZE :][:12], body, AD + header) == b"v2"
+    header_v1, nonce24 = b"\x01" + header[1:], bytes(24)
+    old = header_v1 + nonce24 + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        b"v1", AD + header_v1, nonce24, mk
+    )
+    before = ratchet.serialize(bob)
+    with pytest.raises(AuthenticationError):
+        ratchet.decrypt(bob, old, AD)
+    assert ratchet.serialize(bob) == before
+    assert receive(bob, msg) == b"v2"
+
+
+def test_message_layout_and_fresh_nonce_per_message() -> None:
+    """header(41) || nonce(12) || ct || tag(16); a restored (rolled-back) sender reuses mk
+    but draws a new nonce, so two different plaintexts never share (key, nonce)."""
+    alice, bob, rng = make_pair()
+    saved = ratchet.serialize(alice)
+    first = ratchet.encrypt(alice, b"same key, first", AD, rng)  # type: ignore[arg-type]
+    rolled_back = ratchet.deserialize(saved)
+    second = ratchet.encrypt(rolled_back, b"same key, other", AD, rng)  # type: ignore[arg-type]
+    assert len(first) == ratchet.OVERHEAD + len(b"same key, first")
+    assert first[: ratchet.HEADER_SIZE] == second[: ratchet.HEADER_SIZE]  # same N, same mk
+    assert first[0] == ratchet.RATCHET_VERSION == 2
+    nonce = slice(ratchet.HEADER_SIZE, ratchet.HEADER_SIZE + ratchet.NONCE_SIZE)
+    assert first[nonce] != second[nonce]
+    assert receive(bob, first) == b"same key, first"
+
+
+def test_kdf_ck_matches_fresh_hmacs_on_a_chain() -> None:
+    """The copied-HMAC KDF_CK equals two independent HMACs, step after step."""
+    import hashlib
+    import hmac
+
+    ck = bytes(32)
+    for _ in range(50):
+        next_ck, mk = ratchet.kdf_ck(ck)
+        assert mk == hmac.new(ck, b"\x01", hashlib.sha256).digest()
+        assert next_ck == hmac.new(ck, b"\x02", hashlib.sha256).digest()
+        ck = next_ck

@@ -6,7 +6,7 @@ our labels and X25519 and feed both implementations the same ratchet private
 keys. For every message of a random conversation (speaker changes, drops, late
 deliveries) the header fields must be equal and our ciphertext must equal the
 AEAD of *their* message key: a byte-level comparison of the whole key schedule.
-Our AEAD (XChaCha20-Poly1305 keyed with mk, random nonce) is not theirs (AES-CBC +
+Our AEAD (ChaCha20-Poly1305 keyed with mk, random nonce) is not theirs (AES-CBC +
 HMAC), so only the key schedule and headers are compared, not their ciphertexts.
 """
 
