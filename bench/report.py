@@ -159,8 +159,18 @@ def _securechat_rows(runs: Runs, extra: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(_row("Noise handshakes completed/s at the relay", "/s",
                      {"securechat": rate, **none}, None, ">= 5,000",
                      None if rate is None else rate >= 5000,
-                     f"relay CPU {hs.get('relay_cpu_us_each') or 0:.0f} us each" if hs else ""))
+                     _handshake_note(hs)))
     return rows
+
+
+def _handshake_note(hs: dict[str, Any]) -> str:
+    if not hs:
+        return ""
+    note = f"relay CPU {hs.get('relay_cpu_us_each') or 0:.0f} us each"
+    if hs.get("machine_ceiling_per_s"):
+        note += (f"; initiators {hs['initiator_cpu_us_each']:.0f} us each; both halves on"
+                 f" this machine's cores: at most {hs['machine_ceiling_per_s']:,.0f}/s")
+    return note
 
 
 # --- output ------------------------------------------------------------------------------------

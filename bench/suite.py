@@ -229,6 +229,13 @@ class Suite:
             }
             if result["relay_cpu_us_each"]:
                 result["capacity_per_core"] = 1e6 / result["relay_cpu_us_each"]
+                # The initiators (load processes) pay their half on the same cores: what
+                # both halves cost together bounds the rate this machine can show at all.
+                initiator = raw.get("cpu_win", 0.0) / done * 1e6
+                result["initiator_cpu_us_each"] = initiator
+                result["machine_ceiling_per_s"] = (
+                    (os.cpu_count() or 1) * 1e6 / (result["relay_cpu_us_each"] + initiator)
+                )
         except Exception as exc:
             result = {"failed": f"{type(exc).__name__}: {exc}"}
         finally:
