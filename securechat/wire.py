@@ -499,7 +499,8 @@ def _exact(pos: int, end: int, what: str) -> None:
 
 
 def _dec_send(d: bytes, s: int, e: int) -> Send:
-    _need(e, s + ID_SIZE + MAILBOX_SIZE + 1, "Send")
+    if e < s + ID_SIZE + MAILBOX_SIZE + 1:  # _need inlined: the relay's most common frame
+        raise FrameError("Send frame body is too short")
     if e - s - ID_SIZE - MAILBOX_SIZE > MAX_PAYLOAD:
         raise FrameTooLargeError(f"Send payload exceeds {MAX_PAYLOAD} bytes")
     return Send(d[s : s + 16], d[s + 16 : s + 48], d[s + 48 : e])
@@ -692,9 +693,13 @@ def _parse(data: bytes) -> tuple[list[Frame], int, int]:
     frames: list[Frame] = []
     pos = 0
     n = len(data)
+    unpack_length = _U32.unpack_from
+    decoders = _DECODERS
+    append = frames.append
     while n - pos >= LENGTH_SIZE:
-        (length,) = _U32.unpack_from(data, pos)
-        check_length(length)
+        (length,) = unpack_length(data, pos)
+        if length < HEADER_SIZE or length > MAX_FRAME:
+            check_length(length)  # raises the precise error
         end = pos + LENGTH_SIZE + length
         if end > n:
             return frames, pos, end - pos
@@ -702,10 +707,10 @@ def _parse(data: bytes) -> tuple[list[Frame], int, int]:
         if version != VERSION:
             raise FrameError(f"unsupported frame version {version}")
         ftype = data[pos + LENGTH_SIZE + 1]
-        decoder = _DECODERS.get(ftype)
+        decoder = decoders.get(ftype)
         if decoder is None:
             raise FrameError(f"unknown frame type 0x{ftype:02x}")
-        frames.append(decoder(data, pos + LENGTH_SIZE + HEADER_SIZE, end))
+        append(decoder(data, pos + LENGTH_SIZE + HEADER_SIZE, end))
         pos = end
     return frames, pos, LENGTH_SIZE
 

@@ -19,14 +19,21 @@ copy is refused (the sender retries the whole frame; retries are idempotent).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from securechat import wire
 from securechat.relay import store as st
 from securechat.relay.limits import MAX_INFLIGHT
-from securechat.relay.router import OPEN, Copy, Inflight, Submission, recent_key, resolve
+from securechat.relay.router import (
+    OPEN,
+    Copy,
+    Inflight,
+    Submission,
+    recent_key,
+    resolve,
+    settle_here,
+)
 
 if TYPE_CHECKING:
     from securechat.relay.worker import Conn, Worker
@@ -37,17 +44,13 @@ STALL_AFTER_S: Final = 0.25  # ... the oldest unacked for this long ...
 STALL_TURNS: Final = 3  # ... and this many loop turns, nothing read since: stalled
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def on_send(w: Worker, conn: Conn, f: wire.Send) -> None:
-    route_copy(w, conn, Submission(conn, f.msg_id, 1), f.mailbox, f.payload, _now_ms())
+    route_copy(w, conn, Submission(conn, f.msg_id, 1), f.mailbox, f.payload, w.now_ms)
 
 
 def on_send_multi(w: Worker, conn: Conn, f: wire.SendMulti) -> None:
     sub = Submission(conn, f.msg_id, len(f.recipients))
-    ts = _now_ms()
+    ts = w.now_ms
     for mailbox, payload in f.recipients:
         route_copy(w, conn, sub, mailbox, payload, ts)
 
@@ -149,7 +152,10 @@ def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> None:
         # SendMulti's copies need their own receipt (its Accepted waits for all copies).
         receipt = wire.encode_delivered(key[1], mailbox) if first.copies > 1 else None
         for sub in entry.subs:
-            resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
+            if sub.conn.worker is w:  # the sender is on this thread (always, with one worker)
+                settle_here(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
+            else:
+                resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
     if not conn.inflight:
         w.awaiting.discard(conn)
     if not to_delete:

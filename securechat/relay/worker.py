@@ -194,6 +194,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=f"relay-io-{index}", daemon=True)
         self._tid = 0
         self.now = time.monotonic()
+        self.now_ms = int(time.time() * 1000)  # wall clock per loop turn: frame timestamps
         self._next_slow = 0.0
         self._next_inflight = 0.0
         self.turns = 0  # loop turns so far
@@ -241,6 +242,7 @@ class Worker:
                 log.error("worker %d selector failed: %s", self.index, exc)
                 break
             self.now = time.monotonic()
+            self.now_ms = int(time.time() * 1000)
             self.turns += 1
             for key, mask in events:
                 conn = key.data
