@@ -95,6 +95,82 @@ def e2e(per_round: int, rounds: int) -> dict[str, float]:
     }
 
 
+# --- persisting the client's E2E state ------------------------------------------------------------
+
+SEEN_FULL = 4096  # e2e.MAX_SEEN: a busy peer's seen msg ids and payload digests
+SKIPPED_FULL = 2000  # ratchet.MAX_SKIPPED_KEYS: message keys kept for late messages
+
+
+def _busy_peer(me: Any, now: int) -> Any:
+    """A peer that sent ``me`` SEEN_FULL messages and left SKIPPED_FULL keys skipped."""
+    from securechat import keys, ratchet
+    from securechat.envelope import Content
+
+    peer = keys.generate_identity("peer", os.urandom(keys.SEED_SIZE))
+    state = type(me).new(peer)
+    sent = [0]
+
+    def send() -> bytes:
+        sent[0] += 1
+        body = Content(os.urandom(16), now, "x")
+        return state.encrypt(me.identity.public, body, os.urandom, now)  # type: ignore[no-any-return]
+
+    for _ in range(SEEN_FULL):
+        me.decrypt(peer.public.dh, send(), now)
+    while sum(len(s.state.skipped) for s in me._peers[peer.public.dh].sessions) < SKIPPED_FULL:
+        for _ in range(min(ratchet.MAX_SKIP, SKIPPED_FULL)):
+            send()  # lost on the way: their keys stay skipped
+        me.decrypt(peer.public.dh, send(), now)
+    return peer
+
+
+def state_write(peers: int, messages: int = 40) -> dict[str, float]:
+    """Per message sent to one of ``peers`` busy peers: persist the E2E state, old vs new way.
+
+    ``before``: serialize the whole state, seal it, write it (schema 1, one blob).
+    ``after``: ``take_changes`` (that peer's row only), seal, write (schema 2).
+    Both include the encrypt that changes the state (tens of us) and a real
+    SQLite transaction (WAL, synchronous=FULL) in a temporary directory, so
+    the fsync of the machine's disk is part of the figure.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from securechat import keys
+    from securechat.client.store import ClientStore
+    from securechat.e2e import E2EState
+    from securechat.envelope import Content
+
+    me = E2EState.new(keys.generate_identity("me", os.urandom(keys.SEED_SIZE)))
+    now = int(time.time() * 1000)
+    busy = [_busy_peer(me, now) for _ in range(peers)]
+    target = busy[0].public
+    result: dict[str, float] = {"peers": peers}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ClientStore(Path(tmp) / "bench.state.db", os.urandom(32), os.urandom(32))
+        try:
+            for mode in ("before", "after"):
+                me.take_changes()
+                written, samples = [0.0], []
+                for _ in range(messages + 3):
+                    start = time.perf_counter()
+                    me.encrypt(target, Content(os.urandom(16), now, "x"), os.urandom, now)
+                    with store.transaction():
+                        if mode == "before":
+                            blob = me.serialize()
+                            store.put_blob("e2e_state", blob)
+                            written[0] = len(blob) + 40  # nonce + tag
+                        else:
+                            changes = me.take_changes()
+                            written[0] = store.put_e2e_rows(changes.core, changes.peers)
+                    samples.append((time.perf_counter() - start) * 1e6)
+                result[f"{mode}_us"] = statistics.median(samples[3:])
+                result[f"{mode}_bytes"] = written[0]
+        finally:
+            store.close()
+    return result
+
+
 def run(quick: bool) -> dict[str, Any]:
     per_round, rounds = (300, 3) if quick else (2000, 7)
     result: dict[str, Any] = {"box_us": raw_box(per_round * 5, rounds)}

@@ -8,6 +8,7 @@ input byte picks the target, the rest is the input:
     1  E2EState.decrypt from a known peer with a live session (envelope + ratchet)
     2  E2EState.decrypt from an unknown sender (initial-message / X3DH path)
     3  envelope.decode_content (padded plaintext record after decryption)
+    4  E2EState.load with bob's core row and the input as alice's peer row
 
 Run (needs ``atheris``):  python fuzz/fuzz_state.py fuzz/corpus/state
 Without atheris:         python fuzz/fuzz_state.py --replay [N]
@@ -66,11 +67,19 @@ def _conversation() -> tuple[bytes, list[bytes], list[bytes]]:
 
 
 _BOB_STATE, _TO_BOB, _TO_ALICE = _conversation()
+_BOB_ROWS = E2EState.deserialize(BOB, _BOB_STATE).take_changes()
 
 
 def _deserialize(body: bytes) -> None:
     state = E2EState.deserialize(BOB, body)
     assert E2EState.deserialize(BOB, state.serialize()).serialize() == state.serialize()
+
+
+def _load_peer_row(body: bytes) -> None:
+    assert _BOB_ROWS.core is not None
+    state = E2EState.load(BOB, _BOB_ROWS.core, {ALICE.public.dh: body})
+    changes = E2EState.deserialize(BOB, state.serialize()).take_changes()
+    assert changes.peers == {ALICE.public.dh: body}, "a peer row is not canonical"
 
 
 def _decrypt_as(sender: Identity, body: bytes) -> None:
@@ -92,6 +101,7 @@ _TARGETS: tuple[Callable[[bytes], None], ...] = (
     lambda body: _decrypt_as(ALICE, body),
     lambda body: _decrypt_as(EVE, body),
     _content,
+    _load_peer_row,
 )
 
 
@@ -111,6 +121,7 @@ def make_corpus() -> int:
         "msg_initial_2": b"\x01" + _TO_BOB[2],
         "msg_unknown_sender": b"\x02" + _TO_BOB[0],
         "content_plain": b"\x03" + envelope.encode_content(Content(bytes(16), 1, "x")),
+        "peer_row_alice": b"\x04" + _BOB_ROWS.peers[ALICE.public.dh],
         "content_group": b"\x03" + envelope.encode_content(Content(
             bytes(16), 2, "group hi", envelope.Group(bytes(16), (ALICE.public.dh, BOB.public.dh))
         )),

@@ -34,10 +34,11 @@ most recently used first. The first one sends. Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -55,7 +56,9 @@ from securechat.errors import (
 from securechat.keys import Identity, PublicIdentity
 from securechat.x3dh import Bundle, OneTimePrekeySecret, SignedPrekeySecret, parse_bundle
 
-__all__ = ["Bundle", "Content", "E2EState", "Group", "Received", "parse_bundle"]
+__all__ = [
+    "Bundle", "Content", "E2EState", "Group", "Received", "StateChanges", "parse_bundle",
+]
 
 Rng = Callable[[int], bytes]
 
@@ -71,8 +74,11 @@ MAX_SEEN_EPHEMERALS: Final = 4096  # accepted X3DH ephemeral keys remembered
 MAX_PEERS: Final = 100_000  # sanity bound when loading state
 MAX_NAME_BYTES: Final = 255
 
-STATE_MAGIC: Final = b"SCE2E"
+STATE_MAGIC: Final = b"SCE2E"  # a full snapshot (serialize/deserialize)
 STATE_VERSION: Final = 1
+CORE_MAGIC: Final = b"SCE2C"  # the row for prekeys, accepted ephemerals, counters
+PEER_MAGIC: Final = b"SCE2P"  # the row for one peer: sessions and seen sets
+ROW_VERSION: Final = 1
 DIGEST_SIZE: Final = 16
 # SHA-256 (was BLAKE2b-512 with label ".../v1/..."): OpenSSL runs it with the CPU's SHA
 # instructions, the same code as the ratchet's HMAC-SHA256; measurably cheaper per message.
@@ -92,6 +98,22 @@ class Received:
     sender: PublicIdentity
     content: Content
     duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanges:
+    """Row encodings of what changed since the last :meth:`E2EState.take_changes`.
+
+    ``core`` is the core row or None if unchanged; ``peers`` maps a peer's
+    identity X25519 key to its row. The client writes them in the transaction
+    that also queues the message, so a crash keeps both or neither.
+    """
+
+    core: bytes | None
+    peers: dict[bytes, bytes]
+
+    def __bool__(self) -> bool:
+        return self.core is not None or bool(self.peers)
 
 
 @dataclass(slots=True)
@@ -156,6 +178,10 @@ class E2EState:
         # accepted EK -> its message's sent_ms, oldest first
         self._ephemerals: OrderedDict[bytes, int] = OrderedDict()
         self._ephemeral_floor_ms = -1
+        # What differs from the rows last taken: every mutation marks its part
+        # *before* changing it, so a step that raises half-way is still written.
+        self._core_dirty = True
+        self._dirty_peers: set[bytes] = set()
 
     @classmethod
     def new(cls, identity: Identity) -> E2EState:
@@ -175,6 +201,7 @@ class E2EState:
         """(signed prekey blob, new one-time prekeys) to publish; rotates the SPK when due."""
         if not 0 <= one_time <= MAX_ONE_TIME_PREKEYS:
             raise SessionError(f"ask for 0 to {MAX_ONE_TIME_PREKEYS} one-time prekeys")
+        self._core_dirty = True
         current = self._signed[0][0] if self._signed else None
         if current is None or now_ms - current.signed.created_ms >= SPK_ROTATION_MS:
             spk = x3dh.generate_signed_prekey(self.identity, self._new_prekey_id(), rng, now_ms)
@@ -189,7 +216,9 @@ class E2EState:
 
     def _expire_signed(self, now_ms: int) -> None:
         kept = [(k, r) for k, r in self._signed[1:] if now_ms - r < SPK_GRACE_MS]
-        self._signed = self._signed[:1] + kept[:MAX_OLD_SIGNED_PREKEYS]
+        if len(kept) + 1 != len(self._signed) or len(kept) > MAX_OLD_SIGNED_PREKEYS:
+            self._core_dirty = True
+            self._signed = self._signed[:1] + kept[:MAX_OLD_SIGNED_PREKEYS]
 
     @property
     def one_time_prekey_count(self) -> int:
@@ -229,6 +258,7 @@ class E2EState:
             raise SessionError("a group message must list both the sender and the recipient")
         plaintext = envelope.encode_content(content)
         record = self._peer_record(peer)
+        self._dirty_peers.add(peer.dh)
         if not record.sessions:
             header, agreement = x3dh.initiate(self.identity, peer, bundle, rng)
             state = ratchet.init_initiator(
@@ -333,6 +363,8 @@ class E2EState:
         opk_id: int | None,
     ) -> Received:
         """Apply an accepted message; ``record`` is the sender's (the session's peer)."""
+        self._dirty_peers.add(record.identity.dh)
+        self._core_dirty |= new
         ratchet.apply(session.state, update)
         if new:
             if opk_id is not None:
@@ -353,34 +385,92 @@ class E2EState:
         return Received(record.identity, content, duplicate)
 
     # --- persistence ---------------------------------------------------------------------------
+    # Two forms share one set of field encoders: a full snapshot (``serialize``; vectors,
+    # fuzzing, the client's old single blob) and rows, one core row plus one row per peer,
+    # so that a message rewrites only the state of the peer it concerns.
+
+    def take_changes(self) -> StateChanges:
+        """Rows changed since the last call; write them all in one transaction.
+
+        Marks everything clean: if the write fails, hand them to :meth:`requeue`.
+        """
+        core = None
+        if self._core_dirty:
+            core = CORE_MAGIC + _U8.pack(ROW_VERSION) + self._encode_core()
+        header = PEER_MAGIC + _U8.pack(ROW_VERSION)
+        peers = {key: header + _encode_peer(self._peers[key]) for key in self._dirty_peers}
+        self._core_dirty, self._dirty_peers = False, set()
+        return StateChanges(core, peers)
+
+    def requeue(self, changes: StateChanges) -> None:
+        """The write of ``changes`` failed (rolled back): take them again next time."""
+        self._core_dirty |= changes.core is not None
+        self._dirty_peers.update(changes.peers)
+
+    @classmethod
+    def load(cls, identity: Identity, core: bytes, peers: Mapping[bytes, bytes]) -> E2EState:
+        """Rebuild from rows (``peers``: identity X25519 key -> row); nothing is dirty after."""
+        r = Reader(core, _corrupt())
+        if r.take(len(CORE_MAGIC)) != CORE_MAGIC or r.u8() != ROW_VERSION:
+            raise SessionError("not an end-to-end state row of a supported version")
+        state = cls._decode_core(identity, r)
+        with _corrupt_as_session_error():
+            r.end()
+            for key, row in peers.items():
+                r = Reader(row, _corrupt())
+                if r.take(len(PEER_MAGIC)) != PEER_MAGIC or r.u8() != ROW_VERSION:
+                    raise SessionError("not an end-to-end peer row of a supported version")
+                record = _decode_peer(r)
+                r.end()
+                if not hmac.compare_digest(record.identity.dh, key):
+                    raise SessionError("end-to-end peer row stored under another peer's key")
+                state._add_peer(record)
+        state._core_dirty = False
+        return state
 
     def serialize(self) -> bytes:
-        """Versioned binary state; the client encrypts it at rest (it holds secrets)."""
-        out = [STATE_MAGIC, _U8.pack(STATE_VERSION), self.identity.public.dh]
-        out += [_U32.pack(self._next_prekey_id), _U64.pack(self._ephemeral_floor_ms + 1)]
-        out.append(_U8.pack(len(self._signed)))
+        """Versioned binary snapshot, peers in key order; the client encrypts it at rest."""
+        out = [STATE_MAGIC, _U8.pack(STATE_VERSION), self._encode_core()]
+        out.append(_U32.pack(len(self._peers)))
+        out += [_encode_peer(self._peers[key]) for key in sorted(self._peers)]
+        return b"".join(out)
+
+    @classmethod
+    def deserialize(cls, identity: Identity, data: bytes) -> E2EState:
+        """Inverse of :meth:`serialize`; SessionError if corrupt or not ours.
+
+        Everything is dirty after: none of it is in rows yet (this is how an old
+        single-blob client state migrates).
+        """
+        r = Reader(data, _corrupt())
+        if r.take(len(STATE_MAGIC)) != STATE_MAGIC or r.u8() != STATE_VERSION:
+            raise SessionError("not an end-to-end state file of a supported version")
+        state = cls._decode_core(identity, r)
+        with _corrupt_as_session_error():
+            for _ in range(_bounded(r.u32(), MAX_PEERS)):
+                state._add_peer(_decode_peer(r))
+            r.end()
+        state._dirty_peers.update(state._peers)
+        return state
+
+    def _encode_core(self) -> bytes:
+        out = [self.identity.public.dh, _U32.pack(self._next_prekey_id)]
+        out += [_U64.pack(self._ephemeral_floor_ms + 1), _U8.pack(len(self._signed))]
         for spk, retired in self._signed:
             out += [spk.signed.encode(), spk.private, _U64.pack(retired)]
         out.append(_U32.pack(len(self._one_time)))
         out += [o.prekey.encode() + o.private for o in self._one_time.values()]
         out.append(_U32.pack(len(self._ephemerals)))
         out += [ek + _U64.pack(ms) for ek, ms in self._ephemerals.items()]
-        out.append(_U32.pack(len(self._peers)))
-        for record in self._peers.values():
-            out.append(_encode_peer(record))
         return b"".join(out)
 
     @classmethod
-    def deserialize(cls, identity: Identity, data: bytes) -> E2EState:
-        """Inverse of :meth:`serialize`; SessionError if corrupt or not ours."""
-        r = Reader(data, SessionError("end-to-end state is truncated or corrupt"))
-        if r.take(len(STATE_MAGIC)) != STATE_MAGIC or r.u8() != STATE_VERSION:
-            raise SessionError("not an end-to-end state file of a supported version")
+    def _decode_core(cls, identity: Identity, r: Reader) -> E2EState:
         if not hmac.compare_digest(r.take(dh.KEY_SIZE), identity.public.dh):
             raise SessionError("end-to-end state belongs to another identity")
         state = cls(identity)
         state._next_prekey_id, state._ephemeral_floor_ms = r.u32(), r.u64() - 1
-        try:
+        with _corrupt_as_session_error():
             for _ in range(_bounded(r.u8(), 1 + MAX_OLD_SIGNED_PREKEYS)):
                 signed = x3dh.SignedPrekey.decode(r.take(x3dh.SIGNED_PREKEY_SIZE))
                 state._signed.append((SignedPrekeySecret(signed, r.take(32)), r.u64()))
@@ -390,13 +480,25 @@ class E2EState:
             for _ in range(_bounded(r.u32(), MAX_SEEN_EPHEMERALS)):
                 ephemeral = r.take(32)  # read in file order (RHS of d[k] = v runs first)
                 state._ephemerals[ephemeral] = r.u64()
-            for _ in range(_bounded(r.u32(), MAX_PEERS)):
-                record = _decode_peer(r)
-                state._peers[record.identity.dh] = record
-            r.end()
-        except (ValueError, InvalidPublicKeyError) as exc:
-            raise SessionError("end-to-end state is corrupt") from exc
         return state
+
+    def _add_peer(self, record: _Peer) -> None:
+        key = record.identity.dh
+        if key in self._peers or len(self._peers) >= MAX_PEERS:
+            raise SessionError("end-to-end state repeats a peer or exceeds its bounds (corrupt?)")
+        self._peers[key] = record
+
+
+def _corrupt() -> SessionError:
+    return SessionError("end-to-end state is truncated or corrupt")
+
+
+@contextlib.contextmanager
+def _corrupt_as_session_error() -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, InvalidPublicKeyError) as exc:
+        raise SessionError("end-to-end state is corrupt") from exc
 
 
 def _bounded(count: int, bound: int) -> int:

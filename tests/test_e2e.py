@@ -6,9 +6,12 @@ import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from securechat import envelope, ratchet
 from securechat.e2e import (
+    DAY_MS,
     MAX_SEEN,
     SPK_GRACE_MS,
     SPK_ROTATION_MS,
@@ -16,6 +19,7 @@ from securechat.e2e import (
     Content,
     E2EState,
     Group,
+    StateChanges,
     parse_bundle,
 )
 from securechat.errors import (
@@ -24,7 +28,7 @@ from securechat.errors import (
     ReplayError,
     SessionError,
 )
-from securechat.keys import generate_identity
+from securechat.keys import PublicIdentity, generate_identity
 
 Rng = Callable[[int], bytes]
 
@@ -325,3 +329,140 @@ def test_seen_sets_evict_oldest_first(rng: Rng) -> None:
     kept = range(MAX_SEEN + 3, 2 * MAX_SEEN + 3)
     assert list(record.seen_ids) == [msg(i).msg_id for i in kept]
     assert list(record.seen_payloads) == [i.to_bytes(16, "big") for i in kept]
+
+
+# --- persistence as rows: one core row, one row per peer ----------------------------------------
+
+
+def _apply(rows: dict[bytes | None, bytes], changes: StateChanges) -> None:
+    """What the client does in its transaction: upsert the changed rows (key None: core)."""
+    if changes.core is not None:
+        rows[None] = changes.core
+    for key, row in changes.peers.items():
+        rows[key] = row
+
+
+def _rebuilt(state: E2EState, rows: dict[bytes | None, bytes]) -> bytes:
+    peers = {k: v for k, v in rows.items() if k is not None}
+    return E2EState.load(state.identity, rows[None], peers).serialize()
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["send", "send_bundle", "group", "deliver", "deliver", "redeliver", "forge",
+             "prekeys", "prekeys", "time", "time", "rename", "failed_write"]
+        ),
+        st.integers(0, 2),  # who acts
+        st.integers(0, 1),  # which of the other two
+        st.integers(0, 1000),  # which in-flight payload
+        st.booleans(),  # persist after this step
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, seed=st.integers(0, 2**32))
+def test_rows_rebuild_the_live_state_after_any_operations(
+    ops: list[tuple[str, int, int, int, bool]], seed: int
+) -> None:
+    """A missed dirty mark is a silent loss: the rows must always rebuild ``serialize()``."""
+    rng = random.Random(seed).randbytes
+    parties = [party("alice", 1), party("bob", 2), party("carol", 3)]
+    rows: list[dict[bytes | None, bytes]] = [{} for _ in parties]
+    flight: list[tuple[int, int, bytes]] = []  # (sender, recipient, payload)
+    now = 0
+    for counter, (op, who, other, pick, persist) in enumerate(ops, 1):
+        me = parties[who]
+        to = (who + 1 + other) % 3
+        peer = parties[to].identity.public
+        try:
+            if op in ("send", "send_bundle", "rename"):
+                if op == "rename":
+                    peer = PublicIdentity(peer.dh, peer.sign, f"{peer.name}-{counter}")
+                bundle = bundle_of(parties[to], rng, now) if op == "send_bundle" else None
+                flight.append((who, to, me.encrypt(peer, msg(counter), rng, now, bundle)))
+            elif op == "group":
+                members = tuple(sorted(p.identity.public.dh for p in parties))
+                content = msg(counter, group=Group(bytes(16), members))
+                for r in {to, (who + 1) % 3, (who + 2) % 3} - {who}:
+                    target = parties[r].identity.public
+                    flight.append((who, r, me.encrypt(target, content, rng, now)))
+            elif op in ("deliver", "redeliver", "forge") and flight:
+                sender, recipient, payload = flight[pick % len(flight)]
+                if op == "deliver":
+                    flight.remove((sender, recipient, payload))
+                if op == "forge":
+                    payload = payload[:-1] + bytes([payload[-1] ^ 1])
+                sender_dh = parties[sender].identity.public.dh
+                parties[recipient].decrypt(sender_dh, payload, now)
+            elif op == "prekeys":
+                me.make_prekeys(rng, now, one_time=pick % 3)
+            elif op == "time":
+                now += (DAY_MS, SPK_ROTATION_MS, SPK_GRACE_MS)[pick % 3]
+            elif op == "failed_write":  # the transaction rolled back: nothing reached the rows
+                me.requeue(me.take_changes())
+        except (AuthenticationError, SessionError):
+            pass  # rejected input; whatever it changed (expiry) must still be marked
+        if persist:
+            for state, its_rows in zip(parties, rows, strict=True):
+                _apply(its_rows, state.take_changes())
+                assert _rebuilt(state, its_rows) == state.serialize()
+                assert not state.take_changes(), "taking twice must find nothing new"
+
+
+def test_rows_are_clean_after_load_and_all_dirty_after_a_snapshot(rng: Rng) -> None:
+    alice, bob = party("alice", 1), party("bob", 2)
+    first = alice.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+    bob.decrypt(alice.identity.public.dh, first, 0)
+    assert party("carol", 3).take_changes().core is not None  # a new state has a core to write
+    rows: dict[bytes | None, bytes] = {}
+    _apply(rows, bob.take_changes())
+    assert set(rows) == {None, alice.identity.public.dh}
+    peers = {k: v for k, v in rows.items() if k is not None}
+    assert not E2EState.load(bob.identity, rows[None], peers).take_changes()
+    snapshot = E2EState.deserialize(bob.identity, bob.serialize()).take_changes()
+    assert snapshot.core == rows[None] and snapshot.peers == peers
+    # a message for alice's session touches her row only, not the core
+    bob.decrypt(alice.identity.public.dh, alice.encrypt(bob.identity.public, msg(2), rng, 0), 0)
+    changes = bob.take_changes()
+    assert changes.core is None and list(changes.peers) == [alice.identity.public.dh]
+
+
+def test_load_refuses_rows_that_are_not_what_they_claim(rng: Rng) -> None:
+    alice, bob, carol = party("alice", 1), party("bob", 2), party("carol", 3)
+    for sender in (alice, carol):
+        payload = sender.encrypt(bob.identity.public, msg(1), rng, 0, bundle_of(bob, rng))
+        bob.decrypt(sender.identity.public.dh, payload, 0)
+    changes = bob.take_changes()
+    assert changes.core is not None
+    a, c = alice.identity.public.dh, carol.identity.public.dh
+    E2EState.load(bob.identity, changes.core, changes.peers)  # as written: fine
+    bad_rows: list[tuple[bytes, dict[bytes, bytes]]] = [
+        (changes.core, {a: changes.peers[c], c: changes.peers[a]}),  # swapped between peers
+        (changes.core, {a: changes.peers[a][:-1]}),  # truncated
+        (changes.core, {a: changes.peers[a] + b"\x00"}),  # trailing bytes
+        (changes.core, {a: b"SCE2P\x02" + changes.peers[a][6:]}),  # unknown row version
+        (changes.peers[a], {}),  # a peer row as the core
+        (changes.core + b"\x00", {}),
+    ]
+    for core, peers in bad_rows:
+        with pytest.raises(SessionError):
+            E2EState.load(bob.identity, core, peers)
+    with pytest.raises(SessionError, match="another identity"):
+        E2EState.load(alice.identity, changes.core, {})
+
+
+def test_signed_prekey_expiry_while_receiving_is_written(rng: Rng) -> None:
+    """Expiry is a change of the core even when the message that triggers it is rejected."""
+    alice, bob = party("alice", 1), party("bob", 2)
+    bob.make_prekeys(rng, 0, one_time=0)
+    bob.make_prekeys(rng, SPK_ROTATION_MS, one_time=0)  # the first one retires
+    rows: dict[bytes | None, bytes] = {}
+    _apply(rows, bob.take_changes())
+    forged = alice.encrypt(bob.identity.public, msg(1), rng, 0)[:-1] + b"\x00"
+    with pytest.raises(AuthenticationError):
+        bob.decrypt(alice.identity.public.dh, forged, SPK_ROTATION_MS + SPK_GRACE_MS)
+    _apply(rows, bob.take_changes())
+    assert _rebuilt(bob, rows) == bob.serialize()

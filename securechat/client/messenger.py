@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,6 +42,7 @@ from securechat.errors import (
     ProtocolError,
     RelayKeyChangedError,
     SecureChatError,
+    StorageError,
     TransportError,
 )
 
@@ -213,7 +214,7 @@ class KnownPeers:
 class Messenger:
     """See the module docstring."""
 
-    E2E_BLOB: Final = "e2e_state"
+    LEGACY_E2E_BLOB: Final = "e2e_state"  # schema 1: the whole E2E state in one blob
 
     def __init__(
         self,
@@ -258,13 +259,43 @@ class Messenger:
     # --- state -------------------------------------------------------------------------------
 
     def _load_state(self) -> e2e.E2EState:
-        blob = self.store.get_blob(self.E2E_BLOB)
-        if blob is None:
-            return e2e.E2EState.new(self.identity)
-        return e2e.E2EState.deserialize(self.identity, blob)
+        """The E2E state from its rows, after moving a schema 1 single blob into rows.
 
-    def _save_state(self) -> None:
-        self.store.put_blob(self.E2E_BLOB, self._state.serialize())
+        The move is one transaction (rows written, blob deleted), so a crash
+        leaves either the blob or the rows. Rows already there can only be older
+        than a blob (a downgraded client wrote it): the blob's core and peers win.
+        """
+        with self.store.transaction():
+            legacy = self.store.get_blob(self.LEGACY_E2E_BLOB)
+            if legacy is not None:
+                changes = e2e.E2EState.deserialize(self.identity, legacy).take_changes()
+                self.store.put_e2e_rows(changes.core, changes.peers)
+                self.store.delete_blob(self.LEGACY_E2E_BLOB)
+            core, peers = self.store.e2e_rows()
+        if core is None:
+            if peers:
+                raise StorageError(
+                    f"{self.store.path} has sessions but no end-to-end core state (corrupt?); "
+                    "move it away to start fresh"
+                )
+            return e2e.E2EState.new(self.identity)  # its core is written by the first save
+        return e2e.E2EState.load(self.identity, core, peers)
+
+    @contextlib.contextmanager
+    def _save_state(self) -> Iterator[None]:
+        """A store transaction that also writes the E2E rows changed since the last one.
+
+        If it fails (the body raises or COMMIT does), those rows roll back with
+        the rest and are marked changed again, so the next transaction writes them.
+        """
+        changes = self._state.take_changes()
+        try:
+            with self.store.transaction():
+                self.store.put_e2e_rows(changes.core, changes.peers)
+                yield
+        except BaseException:
+            self._state.requeue(changes)
+            raise
 
     @property
     def connected(self) -> bool:
@@ -380,8 +411,7 @@ class Messenger:
             self._receipts[msg_id] = (len(payloads), set())
             while len(self._receipts) > MAX_TRACKED_STATUSES:
                 del self._receipts[next(iter(self._receipts))]
-            with self.store.transaction():
-                self._save_state()
+            with self._save_state():
                 self.store.outbox_add(OutboxItem(msg_id, conv.conv_id, encoded, now))
                 if self._keep_history:
                     self.store.history_add(conv.conv_id, msg_id, STATUS_PENDING, {
@@ -505,8 +535,7 @@ class Messenger:
                 conv = f"group-{content.group.group_id.hex()}"
             else:
                 conv = direct_conv_id(self.identity.public.dh, received.sender.dh)
-            with self.store.transaction():
-                self._save_state()
+            with self._save_state():
                 fresh = True
                 if self._keep_history:
                     fresh = self.store.history_add(conv, content.msg_id, STATUS_RECEIVED, {
@@ -557,8 +586,8 @@ class Messenger:
             wanted = PREKEY_TARGET - remaining if remaining < PREKEY_LOW_WATER else 0
             wanted = min(wanted, wire.MAX_PUBLISH_OTKS)
             signed, fresh = self._state.make_prekeys(os.urandom, now, one_time=wanted)
-            with self.store.transaction():
-                self._save_state()
+            with self._save_state():
+                pass
         link.send([wire.PublishPrekeys(signed, fresh)])
 
     def _on_prekeys(self, frame: wire.Prekeys) -> None:

@@ -3,7 +3,11 @@
 One SQLite database per identity under the key directory,
 ``<home>/<name>.state.db``, mode 0600, holding:
 
-* the end-to-end state (sessions, prekeys, seen message ids), one sealed blob;
+* the end-to-end state as rows: one core row (prekeys, accepted ephemeral
+  keys, counters; ``meta`` key ``e2e/core``) and one row per peer (sessions,
+  seen message ids; table ``e2e_peers``), so a message rewrites only the row of
+  the peer it concerns. Schema 1 (no ``user_version``) held it as one blob,
+  ``meta/e2e_state``; the client migrates that on open (see ``Messenger``);
 * the outbox: every message the user sent that the relay has not yet
   accepted, as the exact sealed frame, so a restart resends the same bytes
   (re-encrypting would advance the ratchet and could reuse nothing, but
@@ -13,9 +17,10 @@ One SQLite database per identity under the key directory,
 
 Every value is sealed with XChaCha20-Poly1305 under a key derived from the
 identity (``Identity.storage_key``), with the table and row key as associated
-data so rows cannot be swapped. State changes that must go together (ratchet
-advanced + frame queued + history written) are one SQLite transaction: after
-a crash either all of them happened or none did.
+data so rows cannot be swapped (``e2e/peer/<hex key>``, ``e2e/core``).
+State changes that must go together (ratchet advanced + frame queued +
+history written) are one SQLite transaction: after a crash either all of them
+happened or none did.
 
 An exclusive lock on ``<name>.state.lock`` keeps two processes from driving
 the same ratchets (which would desynchronise them).
@@ -28,7 +33,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -38,7 +43,8 @@ import nacl.exceptions
 
 from securechat.errors import StorageError, UsageError
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # PRAGMA user_version; 0 = a new file or a schema 1 file
+E2E_CORE_KEY: Final = "e2e/core"
 _NONCE: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 
 _SCHEMA: Final = """
@@ -58,6 +64,7 @@ CREATE TABLE IF NOT EXISTS history (
     record BLOB NOT NULL,
     UNIQUE (conv, msg_id)
 );
+CREATE TABLE IF NOT EXISTS e2e_peers (peer BLOB PRIMARY KEY, v BLOB NOT NULL);
 """
 
 
@@ -91,13 +98,28 @@ class ClientStore:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._create_or_check_schema()
         except (OSError, sqlite3.Error) as exc:
             self._lock_file.close()
             raise StorageError(
                 f"cannot open the client state {path}: {exc}; if it is corrupt, move it away "
                 "(sessions will be re-established, unsent messages in it are lost)"
             ) from exc
+
+    def _create_or_check_schema(self) -> None:
+        """Schema 1 -> 2 only adds a table: the E2E blob moves when the identity is known."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version != SCHEMA_VERSION:
+            self._db.close()
+            self._lock_file.close()
+            raise StorageError(
+                f"the client state {self.path} has schema version {version}, expected "
+                f"{SCHEMA_VERSION} (written by a newer securechat? run that version)"
+            )
 
     @staticmethod
     def _acquire_lock(path: Path) -> Any:
@@ -181,12 +203,40 @@ class ClientStore:
         sealed = self._seal(self._state_key, f"meta/{name}", data)
         self._exec("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (name, sealed))
 
+    def delete_blob(self, name: str) -> None:
+        self._exec("DELETE FROM meta WHERE k = ?", (name,))
+
     def get_json(self, name: str) -> Any:
         blob = self.get_blob(name)
         return None if blob is None else json.loads(blob)
 
     def put_json(self, name: str, value: Any) -> None:
         self.put_blob(name, json.dumps(value, sort_keys=True).encode())
+
+    # --- end-to-end state rows ------------------------------------------------------------------
+
+    def e2e_rows(self) -> tuple[bytes | None, dict[bytes, bytes]]:
+        """(core row or None if there is no state yet, {peer key: peer row})."""
+        row = self._exec("SELECT v FROM meta WHERE k = ?", (E2E_CORE_KEY,)).fetchone()
+        core = None if row is None else self._open(self._state_key, E2E_CORE_KEY, row[0])
+        peers = {}
+        for key, sealed in self._exec("SELECT peer, v FROM e2e_peers ORDER BY peer").fetchall():
+            key = bytes(key)
+            peers[key] = self._open(self._state_key, f"e2e/peer/{key.hex()}", sealed)
+        return core, peers
+
+    def put_e2e_rows(self, core: bytes | None, peers: Mapping[bytes, bytes]) -> int:
+        """Write the changed rows (inside the caller's transaction); return bytes written."""
+        written = 0
+        if core is not None:
+            sealed = self._seal(self._state_key, E2E_CORE_KEY, core)
+            self._exec("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (E2E_CORE_KEY, sealed))
+            written += len(sealed)
+        for key, row in peers.items():
+            sealed = self._seal(self._state_key, f"e2e/peer/{key.hex()}", row)
+            self._exec("INSERT OR REPLACE INTO e2e_peers (peer, v) VALUES (?, ?)", (key, sealed))
+            written += len(sealed)
+        return written
 
     # --- outbox ------------------------------------------------------------------------------
 

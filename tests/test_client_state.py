@@ -1,0 +1,261 @@
+"""The client's E2E state on disk: one sealed row per peer plus a core row, schema 1 migration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import nacl.bindings
+import pytest
+
+from securechat import keys, wire
+from securechat.client.link import KnownRelays
+from securechat.client.messenger import Conversation, Event, MessageEvent, Messenger
+from securechat.client.store import SCHEMA_VERSION, ClientStore
+from securechat.e2e import Content, E2EState
+from securechat.errors import StorageError
+
+
+def _identity(name: str) -> keys.Identity:
+    return keys.generate_identity(name, hashlib.sha512(f"state test {name}".encode()).digest())
+
+
+ALICE, BOB, CAROL = _identity("alice"), _identity("bob"), _identity("carol")
+
+
+def _store(path: Path, ident: keys.Identity = ALICE) -> ClientStore:
+    return ClientStore(path, ident.storage_key("state"), ident.storage_key("history"))
+
+
+def _messenger(store: ClientStore, tmp_path: Path, events: list[Event] | None = None) -> Messenger:
+    """An offline messenger (never started): sends go to the outbox only."""
+    sink = events.append if events is not None else (lambda event: None)
+    return Messenger(ALICE, store, "127.0.0.1:9", KnownRelays(tmp_path / "relays"), sink)
+
+
+def _reloaded(path: Path, ident: keys.Identity = ALICE) -> bytes:
+    store = _store(path, ident)
+    try:
+        core, peers = store.e2e_rows()
+        assert core is not None
+        return E2EState.load(ident, core, peers).serialize()
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path, sc_home: Path) -> Path:
+    return tmp_path / "alice.state.db"
+
+
+def test_a_message_writes_only_its_peers_row(db: Path, tmp_path: Path) -> None:
+    store = _store(db)
+    m = _messenger(store, tmp_path)
+    to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
+    m.send_text(to_bob, "hello bob")
+    m.send_text(Conversation.with_peers(ALICE.public, [CAROL.public]), "hello carol")
+    writes: list[tuple[bytes | None, list[bytes]]] = []
+    put = store.put_e2e_rows
+
+    def spy(core: bytes | None, peers: Mapping[bytes, bytes]) -> int:
+        writes.append((core, sorted(peers)))
+        return put(core, peers)
+
+    store.put_e2e_rows = spy  # type: ignore[method-assign]
+    m.send_text(to_bob, "again")
+    assert writes == [(None, [BOB.public.dh])]
+    live = m._state.serialize()
+    store.close()
+    assert _reloaded(db) == live
+
+
+def test_failed_transaction_writes_nothing_and_the_next_one_catches_up(
+    db: Path, tmp_path: Path
+) -> None:
+    store = _store(db)
+    m = _messenger(store, tmp_path)
+    to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
+    m.send_text(to_bob, "first")
+    on_disk = store.e2e_rows()
+    add = store.outbox_add
+
+    def disk_full(item: object) -> None:
+        raise StorageError("disk full")
+
+    store.outbox_add = disk_full  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        m.send_text(to_bob, "lost")
+    assert store.e2e_rows() == on_disk, "a rolled-back message left rows behind"
+    store.outbox_add = add  # type: ignore[method-assign]
+    with m._save_state():  # e.g. a prekey refill: must also write bob's advanced row
+        pass
+    live = m._state.serialize()
+    store.close()
+    assert _reloaded(db) == live
+
+
+def test_received_message_survives_a_restart(db: Path, tmp_path: Path) -> None:
+    events: list[Event] = []
+    store = _store(db)
+    m = _messenger(store, tmp_path, events)
+    bob = E2EState.new(BOB)
+    rng = os.urandom
+    for n in range(3):
+        payload = bob.encrypt(ALICE.public, Content(os.urandom(16), n, f"hi {n}"), rng, n)
+        m._on_deliver(wire.Deliver(os.urandom(16), BOB.public.dh, n, payload))
+    assert [e.text for e in events if isinstance(e, MessageEvent)] == ["hi 0", "hi 1", "hi 2"]
+    store.close()
+    store = _store(db)
+    m = _messenger(store, tmp_path, events)
+    payload = bob.encrypt(ALICE.public, Content(os.urandom(16), 9, "after restart"), rng, 9)
+    m._on_deliver(wire.Deliver(os.urandom(16), BOB.public.dh, 9, payload))
+    assert isinstance(events[-1], MessageEvent) and events[-1].text == "after restart"
+    store.close()
+
+
+def _raw(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_swapped_rows_are_refused(db: Path, tmp_path: Path) -> None:
+    store = _store(db)
+    m = _messenger(store, tmp_path)
+    m.send_text(Conversation.with_peers(ALICE.public, [BOB.public, CAROL.public]), "to both")
+    store.close()
+    rows = dict(_raw(db, "SELECT peer, v FROM e2e_peers"))
+    bob_row, carol_row = rows[BOB.public.dh], rows[CAROL.public.dh]
+    _raw(db, "UPDATE e2e_peers SET v = ? WHERE peer = ?", (carol_row, BOB.public.dh))
+    with pytest.raises(StorageError, match="corrupt"):
+        _reloaded(db)
+    _raw(db, "UPDATE e2e_peers SET v = ? WHERE peer = ?", (bob_row, BOB.public.dh))
+    core = _raw(db, "SELECT v FROM meta WHERE k = 'e2e/core'")[0][0]
+    _raw(db, "UPDATE meta SET v = ? WHERE k = 'e2e/core'", (bob_row,))
+    with pytest.raises(StorageError, match="corrupt"):
+        _reloaded(db)
+    _raw(db, "UPDATE meta SET v = ? WHERE k = 'e2e/core'", (core,))
+    _reloaded(db)  # back in place: fine again
+
+
+# --- migration from schema 1 (one sealed blob), built byte for byte like the old client --------
+
+_SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id BLOB NOT NULL UNIQUE,
+    conv TEXT NOT NULL,
+    frame BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    conv TEXT NOT NULL,
+    msg_id BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    UNIQUE (conv, msg_id)
+);
+"""
+
+
+def _seal_v1(name: str, data: bytes) -> bytes:
+    nonce = os.urandom(24)
+    return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        data, f"meta/{name}".encode(), nonce, ALICE.storage_key("state")
+    )
+
+
+def _old_state() -> tuple[E2EState, E2EState]:
+    """Alice with sessions to bob (both ways) and carol (one way), and bob's end."""
+    alice, bob, carol = E2EState.new(ALICE), E2EState.new(BOB), E2EState.new(CAROL)
+    rng = os.urandom
+    alice.make_prekeys(rng, 0, one_time=5)
+    for n in range(3):
+        bob.decrypt(ALICE.public.dh, alice.encrypt(BOB.public, Content(rng(16), n, "x"), rng, n), n)
+    alice.decrypt(BOB.public.dh, bob.encrypt(ALICE.public, Content(rng(16), 5, "y"), rng, 5), 5)
+    carol.decrypt(ALICE.public.dh, alice.encrypt(CAROL.public, Content(rng(16), 6, "z"), rng, 6), 6)
+    return alice, bob
+
+
+def _write_schema_1(db: Path, state: bytes) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(_SCHEMA_1)
+    with conn:
+        conn.execute("INSERT INTO meta VALUES ('e2e_state', ?)", (_seal_v1("e2e_state", state),))
+        peers = {"bob": BOB.public.to_line()}
+        known = json.dumps(peers, sort_keys=True).encode()
+        sealed = _seal_v1("known_peers", known)
+        conn.execute("INSERT INTO meta VALUES ('known_peers', ?)", (sealed,))
+    conn.close()
+
+
+def test_schema_1_blob_migrates_to_rows(db: Path, tmp_path: Path) -> None:
+    alice, bob = _old_state()
+    _write_schema_1(db, alice.serialize())
+    store = _store(db)
+    m = _messenger(store, tmp_path)
+    assert m._state.serialize() == alice.serialize()
+    assert store.get_blob(Messenger.LEGACY_E2E_BLOB) is None
+    assert m.peers.identities() == [BOB.public]  # the other meta blobs are untouched
+    events: list[Event] = []
+    m._emit = events.append
+    # the migrated session still works both ways
+    m.send_text(Conversation.with_peers(ALICE.public, [BOB.public]), "after migration")
+    payload = bob.encrypt(ALICE.public, Content(os.urandom(16), 7, "welcome"), os.urandom, 7)
+    m._on_deliver(wire.Deliver(os.urandom(16), BOB.public.dh, 7, payload))
+    assert [e.text for e in events if isinstance(e, MessageEvent)] == ["welcome"]
+    live = m._state.serialize()
+    store.close()
+    assert _raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert {bytes(k) for (k,) in _raw(db, "SELECT peer FROM e2e_peers")} == {
+        BOB.public.dh, CAROL.public.dh}
+    assert _reloaded(db) == live
+
+
+def test_migration_is_all_or_nothing(db: Path, tmp_path: Path) -> None:
+    alice, _ = _old_state()
+    _write_schema_1(db, alice.serialize())
+    store = _store(db)
+    delete = store.delete_blob
+
+    def crash(name: str) -> None:
+        raise StorageError("killed")
+
+    store.delete_blob = crash  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        _messenger(store, tmp_path)
+    assert store.e2e_rows() == (None, {}), "half a migration was committed"
+    store.delete_blob = delete  # type: ignore[method-assign]
+    assert _messenger(store, tmp_path)._state.serialize() == alice.serialize()
+    store.close()
+
+
+def test_newer_schema_is_refused(db: Path) -> None:
+    _store(db).close()
+    _raw(db, f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StorageError, match="newer securechat"):
+        _store(db)
+    _raw(db, f"PRAGMA user_version={SCHEMA_VERSION}")
+    _store(db).close()  # the lock was released by the refusal
+
+
+def test_peer_rows_without_a_core_are_refused(db: Path, tmp_path: Path) -> None:
+    store = _store(db)
+    _messenger(store, tmp_path).send_text(Conversation.with_peers(ALICE.public, [BOB.public]), "x")
+    store.close()
+    _raw(db, "DELETE FROM meta WHERE k = 'e2e/core'")
+    store = _store(db)
+    with pytest.raises(StorageError, match="no end-to-end core"):
+        _messenger(store, tmp_path)
+    store.close()
