@@ -150,6 +150,20 @@ def _securechat_rows(runs: Runs, extra: dict[str, Any]) -> list[dict[str, Any]]:
                      {"securechat": stream, **none}, ratio,
                      f"<= 3x raw box ({box:.1f} us)" if box else "<= 3x raw box",
                      None if ratio is None else ratio <= 3.0, "ratio vs precomputed nacl Box"))
+    rec = e2e.get("record_1k_us")
+    if rec is not None:
+        rows.append(_row("E2E seal+open, text padded to a 1 KiB record (the box's size)", "us",
+                         {"securechat": rec, **none}, rec / box if box else None, "-", None,
+                         f"{e2e.get('record_1k_text_bytes')} B of text: same bytes sealed as"
+                         " the box; 1 KiB of text pads to 2 KiB"))
+    for sw in e2e.get("state_write", []):
+        n = sw["peers"]
+        rows.append(_row(f"client state write per message, {n} busy peer(s)", "ms",
+                         {"securechat": sw["after_us"] / 1000, **none},
+                         sw["after_us"] / sw["before_us"], "-", None,
+                         f"{sw['after_bytes'] / 1024:,.0f} KiB written; whole-state blob before:"
+                         f" {sw['before_us'] / 1000:,.1f} ms, {sw['before_bytes'] / 1024:,.0f} KiB"
+                         " (ratio = rows / blob)"))
     pp = e2e.get("ping_pong_us")
     rows.append(_row("E2E seal+open 1 KiB (with DH ratchet step)", "us",
                      {"securechat": pp, **none}, pp / box if pp is not None and box else None,
