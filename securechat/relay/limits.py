@@ -41,6 +41,11 @@ WORKER_HIGH_WATER: Final = 16 * 1024 * 1024
 # reading their clients (the bytes wait in the kernel) until it is below the low mark.
 STORE_HIGH_WATER: Final = 4 * 1024 * 1024
 STORE_LOW_WATER: Final = 1 * 1024 * 1024
+# Payload delivered live and not yet acknowledged, over all of one worker's connections:
+# above this, a reader that stopped reading counts as stalled without the usual quarter
+# second's grace (handlers._stalled), so its new copies go to the store. Readers that are
+# acking are never affected (a direct 4 KiB load keeps far more than this in flight).
+WORKER_INFLIGHT_HIGH_WATER: Final = 16 * 1024 * 1024
 
 # --- delivery and store --------------------------------------------------------------------
 DEFAULT_ACK_TIMEOUT_S: Final = 3.0  # live delivery not acked by then: persist it
@@ -82,6 +87,7 @@ class RelayConfig:
     worker_high_water: int = WORKER_HIGH_WATER
     store_high_water: int = STORE_HIGH_WATER
     store_low_water: int = STORE_LOW_WATER
+    worker_inflight_high_water: int = WORKER_INFLIGHT_HIGH_WATER
     sync_full: bool = True  # SQLite synchronous=FULL (else NORMAL)
     store_max_bytes: int = 0  # 0: no cap; else PRAGMA max_page_count (disk-full behaviour)
 

@@ -202,6 +202,9 @@ class Worker:
         # ``worker_high_water`` new copies go to the store instead, so a burst to many
         # slow readers cannot grow memory (unacked bytes: see handlers._stalled).
         self.held_bytes = 0
+        # Payload of live deliveries awaiting their Ack, over all connections (bounded
+        # by worker_inflight_high_water, see handlers.incoming).
+        self.inflight_bytes = 0
         self.paused: set[Conn] = set()  # not read while the store's queue is too long
         # One receive buffer per worker: ``recv(256 KiB)`` would allocate (mmap) and
         # free 256 KiB per call, about 13 us here; ``recv_into`` + copy of what came: 2 us.
@@ -374,6 +377,7 @@ class Worker:
         for entry in conn.inflight.values():  # delivered but never acked: persist
             self.store_copy(entry.copy, force=True, subs=entry.subs)
         conn.inflight.clear()
+        self.inflight_bytes -= conn.inflight_bytes
         conn.inflight_bytes = 0
 
     def shutdown(self) -> None:
@@ -602,7 +606,9 @@ class Worker:
             expired.append(key)
         for key in expired:
             entry = conn.inflight.pop(key)
-            conn.inflight_bytes -= len(entry.copy.payload)
+            size = len(entry.copy.payload)
+            conn.inflight_bytes -= size
+            self.inflight_bytes -= size
             conn.sent_stored.add(key)  # the device has it; the store keeps it until acked
             self.store_copy(entry.copy, force=True, subs=entry.subs)
         if not conn.inflight:
