@@ -4,7 +4,7 @@ Modules: ``limits`` (configuration and token buckets), ``keyfile`` (the relay's
 own Noise key on disk), ``store`` (SQLite mailboxes and prekeys, one store
 thread doing group commit), ``router`` (who is online, where, and what waits
 for an acknowledgement), ``worker`` (selector loops owning connections),
-``server`` (acceptor, start-up, shutdown, command-line arguments).
+``server`` (admission caps, start-up, shutdown, command-line arguments).
 
 The relay never imports the end-to-end core (keys, x3dh, ratchet, envelope):
 it cannot read a message even by mistake.
