@@ -12,7 +12,6 @@ import pytest
 from relay_fixture import Relay, keygen
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_VECTORS = REPO.parent / "shared" / "vectors"
 
 
 @pytest.fixture

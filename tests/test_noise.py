@@ -6,11 +6,11 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from public_vectors import SHARED, require
 
 from securechat import dh, noise
 from securechat.errors import (
@@ -22,7 +22,7 @@ from securechat.errors import (
     SecureChatError,
 )
 
-WYCHEPROOF = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "wycheproof"
+WYCHEPROOF_X25519 = SHARED / "wycheproof" / "x25519_test.json"
 LOW_ORDER_POINTS = [
     bytes(32),  # u = 0
     (1).to_bytes(32, "little"),  # u = 1
@@ -416,7 +416,8 @@ def test_inlined_hmac_equals_stdlib(key: bytes, data: bytes) -> None:
 
 
 def test_keypair_dh_agrees_with_dh_module_on_wycheproof() -> None:
-    cases = json.loads((WYCHEPROOF / "x25519_test.json").read_text())["testGroups"][0]["tests"]
+    data = json.loads(require(WYCHEPROOF_X25519).read_text())
+    cases = data["testGroups"][0]["tests"]
     assert len(cases) > 500
     refused = 0
     for case in cases:

@@ -14,25 +14,25 @@ import os
 from pathlib import Path
 
 import pytest
+from public_vectors import SHARED, require
 
 from securechat import dh
 from securechat.errors import InvalidPublicKeyError
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared/vectors/wycheproof/x25519_test.json"
+DEFAULT = SHARED / "wycheproof" / "x25519_test.json"
 PATH = Path(os.environ.get("SECURECHAT_WYCHEPROOF_X25519", DEFAULT))
 EXPECTED_TESTS = 518
 EXPECTED_ZERO_SHARED = 31  # flagged ZeroSharedSecret (LowOrderPublic) in the pinned file
 
-pytestmark = pytest.mark.skipif(not PATH.exists(), reason=f"Wycheproof vectors not at {PATH}")
 
 
 def _vectors() -> list[dict[str, object]]:
-    data = json.loads(PATH.read_text())
+    data = json.loads(require(PATH).read_text())
     return [t for g in data["testGroups"] for t in g["tests"]]
 
 
 def test_vector_count_matches_header() -> None:
-    data = json.loads(PATH.read_text())
+    data = json.loads(require(PATH).read_text())
     assert len(_vectors()) == data["numberOfTests"] == EXPECTED_TESTS
 
 
