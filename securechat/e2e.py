@@ -215,6 +215,8 @@ class E2EState:
         return self._signed[0][0].signed.encode(), tuple(o.prekey.encode() for o in fresh)
 
     def _expire_signed(self, now_ms: int) -> None:
+        if len(self._signed) <= 1:  # only retired signed prekeys can expire
+            return
         kept = [(k, r) for k, r in self._signed[1:] if now_ms - r < SPK_GRACE_MS]
         if len(kept) + 1 != len(self._signed) or len(kept) > MAX_OLD_SIGNED_PREKEYS:
             self._core_dirty = True
@@ -276,8 +278,7 @@ class E2EState:
 
     def decrypt(self, sender_dh: bytes, payload: bytes, now_ms: int) -> Received:
         """Open a payload the relay says ``sender_dh`` sent (see module rules)."""
-        if len(self._signed) > 1:  # only retired signed prekeys can expire
-            self._expire_signed(now_ms)
+        self._expire_signed(now_ms)
         initial, prefix, message = envelope.decode_envelope(payload)
         record = self._peers.get(sender_dh)
         digest = _digest(payload)

@@ -698,8 +698,7 @@ def _parse(data: bytes) -> tuple[list[Frame], int, int]:
     append = frames.append
     while n - pos >= LENGTH_SIZE:
         (length,) = unpack_length(data, pos)
-        if length < HEADER_SIZE or length > MAX_FRAME:
-            check_length(length)  # raises the precise error
+        check_length(length)
         end = pos + LENGTH_SIZE + length
         if end > n:
             return frames, pos, end - pos

@@ -25,15 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from securechat import wire
 from securechat.relay import store as st
 from securechat.relay.limits import MAX_INFLIGHT
-from securechat.relay.router import (
-    OPEN,
-    Copy,
-    Inflight,
-    Submission,
-    recent_key,
-    resolve,
-    settle_here,
-)
+from securechat.relay.router import OPEN, Copy, Inflight, Submission, recent_key, resolve
 
 if TYPE_CHECKING:
     from securechat.relay.worker import Conn, Worker
@@ -161,10 +153,7 @@ def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> None:
         # SendMulti's copies need their own receipt (its Accepted waits for all copies).
         receipt = wire.encode_delivered(key[1], mailbox) if first.copies > 1 else None
         for sub in entry.subs:
-            if sub.conn.worker is w:  # the sender is on this thread (always, with one worker)
-                settle_here(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
-            else:
-                resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
+            resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
     if not conn.inflight:
         w.awaiting.discard(conn)
     if not to_delete:

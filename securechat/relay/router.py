@@ -185,11 +185,6 @@ def resolve(sub: Submission, outcome: Outcome, receipt: bytes | None = None) -> 
         worker.call_soon(_resolve, sub, outcome, receipt)
 
 
-def settle_here(sub: Submission, outcome: Outcome, receipt: bytes | None = None) -> None:
-    """:func:`resolve` for a caller that knows it runs on the sender's worker."""
-    _resolve(sub, outcome, receipt)
-
-
 def _resolve(sub: Submission, outcome: Outcome, receipt: bytes | None) -> None:
     if not sub.done:
         _settle(sub, outcome)

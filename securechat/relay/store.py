@@ -311,14 +311,22 @@ class MailboxStore:
         usage[1] += len(payload)
         return INSERTED
 
-    def _exists(self, mailbox: bytes, sender: bytes, msg_id: bytes) -> bool:
+    def _frame_key(
+        self, mailbox: bytes, sender: bytes, msg_id: bytes
+    ) -> tuple[int, int, bytes] | None:
+        """The (mailbox id, sender id, msg_id) of a frame, or None if no frame can match."""
         mailbox_id = self._party(mailbox, create=False)
         sender_id = self._party(sender, create=False)
         if mailbox_id is None or sender_id is None:
+            return None
+        return mailbox_id, sender_id, msg_id
+
+    def _exists(self, mailbox: bytes, sender: bytes, msg_id: bytes) -> bool:
+        key = self._frame_key(mailbox, sender, msg_id)
+        if key is None:
             return False
         row = self.db.execute(
-            "SELECT 1 FROM frames WHERE mailbox=? AND sender=? AND msg_id=?",
-            (mailbox_id, sender_id, msg_id),
+            "SELECT 1 FROM frames WHERE mailbox=? AND sender=? AND msg_id=?", key
         ).fetchone()
         return row is not None
 
@@ -349,14 +357,13 @@ class MailboxStore:
         return rows
 
     def delete(self, mailbox: bytes, sender: bytes, msg_id: bytes) -> bool:
-        mailbox_id = self._party(mailbox, create=False)
-        sender_id = self._party(sender, create=False)
-        if mailbox_id is None or sender_id is None:
+        key = self._frame_key(mailbox, sender, msg_id)
+        if key is None:
             return False
         row = self.db.execute(
             "DELETE FROM frames WHERE mailbox=? AND sender=? AND msg_id=?"
             " RETURNING length(payload)",
-            (mailbox_id, sender_id, msg_id),
+            key,
         ).fetchone()
         if row is None:
             return False
