@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,9 @@ RELAY_START_TIMEOUT: Final = 20.0
 MESSAGE_TIMEOUT: Final = 15.0
 _LISTENING: Final = re.compile(r"listening on (\S+):(\d+)")
 _COLUMN: Final = 58
+# Each client's link thread prints what the relay handled for it (the tap), while the
+# main thread prints what people see: one lock keeps every line whole.
+_PRINT_LOCK: Final = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -84,8 +88,13 @@ class _Person:
             self.inbox.put(event)
 
 
+def _print(text: str = "") -> None:
+    with _PRINT_LOCK:
+        print(text)
+
+
 def _side(left: str, right: str) -> None:
-    print(f"  {left:<{_COLUMN}} | {right}")
+    _print(f"  {left:<{_COLUMN}} | {right}")
 
 
 def _tap(owner: str) -> object:
@@ -142,9 +151,9 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         keystore.ensure_home()
         with embedded_relay(workdir / "relay") as relay:
-            print(f"securechat demo: relay on {relay}, everything in {workdir} (removed after)")
+            _print(f"securechat demo: relay on {relay}, everything in {workdir} (removed after)")
             _play(relay, workdir / "home")
-        print("\ndemo finished: every message arrived once, the relay only ever held ciphertext.")
+        _print("\ndemo finished: every message arrived once, the relay only ever held ciphertext.")
         return 0
     finally:
         if old_home is None:
@@ -171,26 +180,26 @@ def _play(relay: str, home: Path) -> None:
     people = [_Person(n, home) for n in ("alice", "bob", "carol")]
     alice, bob, carol = people
     for p in people:
-        print(f"  created {p.name:<6} fingerprint {p.identity.public.fingerprint}")
+        _print(f"  created {p.name:<6} fingerprint {p.identity.public.fingerprint}")
         _exchange_keys(p, people)
-    print()
+    _print()
     _side("WHAT THE PEOPLE SEE", "WHAT THE RELAY HANDLED")
-    print("\n-- 1. alice and bob, both online")
+    _print("\n-- 1. alice and bob, both online")
     with _online(alice, relay), _online(bob, relay):
         _say(alice, [bob], "Hi Bob! Is this thing really end-to-end?")
         _shows(bob)
         _say(bob, [alice], "It is. The relay only sees the bytes on the right.")
         _shows(alice)
-        print("\n-- 2. a group of three; carol is offline, the relay keeps her copy")
+        _print("\n-- 2. a group of three; carol is offline, the relay keeps her copy")
         _say(alice, [bob, carol], "Carol, when you're back: lunch at noon?")
         _shows(bob)
-    print("\n-- 3. carol comes online and gets what she missed")
+    _print("\n-- 3. carol comes online and gets what she missed")
     with _online(carol, relay), _online(alice, relay), _online(bob, relay):
         _shows(carol)
         _say(carol, [alice, bob], "Noon works. Sorry, I was offline!")
         _shows(alice)
         _shows(bob)
-    print("\n  safety number alice/bob (compare out of band): "
+    _print("\n  safety number alice/bob (compare out of band): "
           f"{keys.safety_number(alice.identity.public, bob.identity.public)}")
 
 
