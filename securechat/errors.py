@@ -156,3 +156,13 @@ class DeliveryTimeoutError(SecureChatError):
     """Something did not happen in time (acknowledgement, handshake)."""
 
     exit_code = 10
+
+
+class InternalError(SecureChatError):
+    """A bug: an unexpected exception where only our errors were expected.
+
+    Raised in place of a thread dying silently, so the command still ends with a
+    clear message and a non-zero exit code.
+    """
+
+    exit_code = 11

@@ -259,3 +259,33 @@ def test_peer_rows_without_a_core_are_refused(db: Path, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="no end-to-end core"):
         _messenger(store, tmp_path)
     store.close()
+
+
+def test_a_read_only_store_reads_history_while_the_writer_holds_the_lock(
+    db: Path, tmp_path: Path
+) -> None:
+    writer = _store(db)
+    try:
+        m = _messenger(writer, tmp_path)
+        to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
+        m.send_text(to_bob, "written by the locked writer")
+        with pytest.raises(Exception, match="another securechat process"):
+            _store(db)  # a second writer is refused ...
+        reader = ClientStore(
+            db, ALICE.storage_key("state"), ALICE.storage_key("history"), read_only=True
+        )
+        try:  # ... but a reader sees the last commit and cannot write
+            texts = [e.record["text"] for e in reader.history(to_bob.conv_id, 10)]
+            assert texts == ["written by the locked writer"]
+            with pytest.raises(StorageError):
+                with reader.transaction():
+                    reader.put_json("x", 1)
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+def test_a_read_only_store_of_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="no local state"):
+        ClientStore(tmp_path / "none.state.db", b"k" * 32, b"h" * 32, read_only=True)

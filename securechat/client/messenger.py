@@ -38,6 +38,7 @@ from securechat.client.link import KnownRelays, RelayLink
 from securechat.client.store import ClientStore, OutboxItem
 from securechat.errors import (
     AuthenticationError,
+    InternalError,
     PeerKeyChangedError,
     ProtocolError,
     RelayKeyChangedError,
@@ -254,6 +255,9 @@ class Messenger:
         self._receipts: dict[bytes, tuple[int, set[bytes]]] = {}  # recipients, receipts seen
         self.synced = threading.Event()
         self.fatal: SecureChatError | None = None
+        # Why the last connection attempt failed (None once connected): lets commands
+        # say "connection refused" at once instead of waiting out their timeout.
+        self.last_connect_error: SecureChatError | None = None
         self.received_count = 0
 
     # --- state -------------------------------------------------------------------------------
@@ -321,6 +325,21 @@ class Messenger:
             self._thread.join(timeout=STOP_GRACE)
 
     def _run(self) -> None:
+        """The network thread: any exception that escapes is a bug, never a silent death.
+
+        It becomes :attr:`fatal` (an :class:`InternalError`), so every command that
+        waits on the messenger ends with a clear error and a non-zero exit.
+        """
+        try:
+            self._connect_loop()
+        except Exception as exc:
+            self.fatal = InternalError(
+                f"the network thread failed ({type(exc).__name__}: {exc}); nothing unacknowledged "
+                "was lost: restart to retry"
+            )
+            self._emit(NoticeEvent(str(self.fatal), error=True))
+
+    def _connect_loop(self) -> None:
         delay = BACKOFF_INITIAL
         while not self._stop.is_set():
             try:
@@ -335,6 +354,7 @@ class Messenger:
                 self._emit(NoticeEvent(str(exc), error=True))
                 return
             except SecureChatError as exc:
+                self.last_connect_error = exc
                 # Full jitter (AWS architecture blog): spread reconnects of many clients.
                 wait = random.uniform(0, delay)
                 self._emit(ConnectionEvent(False, f"offline ({exc}); retrying in {wait:.1f}s"))
@@ -342,6 +362,7 @@ class Messenger:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_INITIAL
+            self.last_connect_error = None
             self._serve(link)
 
     def _serve(self, link: RelayLink) -> None:

@@ -87,11 +87,17 @@ class HistoryEntry:
 class ClientStore:
     """Sealed key-value, outbox and history tables for one identity."""
 
-    def __init__(self, path: Path, state_key: bytes, history_key: bytes) -> None:
+    def __init__(
+        self, path: Path, state_key: bytes, history_key: bytes, *, read_only: bool = False
+    ) -> None:
         self.path = path
         self._state_key = state_key
         self._history_key = history_key
-        self._lock_file = self._acquire_lock(path.with_suffix(".lock"))
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only(path)
+            return
+        self._lock_file: Any = self._acquire_lock(path.with_suffix(".lock"))
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
@@ -105,6 +111,28 @@ class ClientStore:
                 f"cannot open the client state {path}: {exc}; if it is corrupt, move it away "
                 "(sessions will be re-established, unsent messages in it are lost)"
             ) from exc
+
+    def _open_read_only(self, path: Path) -> None:
+        """A second reader beside the process that holds the lock (``history`` while
+        ``talk`` runs): SQLite's WAL lets readers see the last commit; it takes no lock
+        and writes nothing, so it cannot disturb the writer's ratchets."""
+        self._lock_file = None
+        if not path.exists():
+            raise StorageError(f"no local state for this identity yet ({path} does not exist)")
+        try:
+            self._db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                isolation_level=None,
+            )
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the client state {path}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise StorageError(
+                f"the client state {path} has schema version {version}, expected "
+                f"{SCHEMA_VERSION}; run a command that opens it for writing first"
+            )
 
     def _create_or_check_schema(self) -> None:
         """Schema 1 -> 2 only adds a table: the E2E blob moves when the identity is known."""
@@ -141,7 +169,8 @@ class ClientStore:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
-        self._lock_file.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
 
     # --- sealing ---------------------------------------------------------------------------
 
