@@ -277,9 +277,8 @@ def test_a_read_only_store_reads_history_while_the_writer_holds_the_lock(
         try:  # ... but a reader sees the last commit and cannot write
             texts = [e.record["text"] for e in reader.history(to_bob.conv_id, 10)]
             assert texts == ["written by the locked writer"]
-            with pytest.raises(StorageError):
-                with reader.transaction():
-                    reader.put_json("x", 1)
+            with pytest.raises(StorageError), reader.transaction():
+                reader.put_json("x", 1)
         finally:
             reader.close()
     finally:
