@@ -123,7 +123,7 @@ def make_corpus() -> int:
         "content_plain": b"\x03" + envelope.encode_content(Content(bytes(16), 1, "x")),
         "peer_row_alice": b"\x04" + _BOB_ROWS.peers[ALICE.public.dh],
         "content_group": b"\x03" + envelope.encode_content(Content(
-            bytes(16), 2, "group hi", envelope.Group(bytes(16), (ALICE.public.dh, BOB.public.dh))
+            bytes(16), 2, "group hi", envelope.Group.of((ALICE.public.dh, BOB.public.dh))
         )),
     }
     for name, blob in seeds.items():

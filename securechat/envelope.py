@@ -15,9 +15,21 @@ x3dh header) || ratchet header``, so every clear byte is authenticated.
 
 Content record, the AEAD plaintext before padding::
 
-    version:u8 (=1) || type:u8 (1 = text) || msg_id:16 || sent_ms:u64 || flags:u8
+    version:u8 (=1) || type:u8 || msg_id:16 || sent_ms:u64 || flags:u8
     || [group_id:16 || count:u16 || count * member_dh:32 (strictly ascending)]  if flags bit0
-    || text_len:u32 || text (UTF-8)
+    || body
+    type 1 TEXT:      body = text_len:u32 || text (UTF-8)
+    type 2 RECEIPT:   body = count:u16 || count * msg_id:16 (strictly ascending); flags = 0
+    type 3 REJECTED:  same body as RECEIPT; flags = 0
+
+A RECEIPT says "these messages you sent me are decrypted and stored on my
+device" (the end-to-end "delivered", which the relay cannot forge); REJECTED
+says "the relay gave me these message ids from you and they did not open".
+Neither is shown as a message, and neither is answered by another.
+
+A group's id is not chosen: it is :func:`derive_group_id` of its sorted member
+list, so a copy that names other members is another conversation, and a
+:class:`Group` whose id does not match its members cannot be built or parsed.
 
 Padding: ISO/IEC 7816-4 (one 0x80 byte, then zeros) up to the smallest size in
 :data:`PAD_BUCKETS` that holds record + 1 byte; anything else is rejected, so
@@ -31,6 +43,8 @@ import itertools
 import struct
 from dataclasses import dataclass
 from typing import Final, NamedTuple
+
+import nacl.bindings
 
 from securechat import ratchet
 from securechat.errors import AuthenticationError, SessionError
@@ -48,19 +62,25 @@ FLAG_FALLBACK: Final = 1
 FLAG_ONE_TIME: Final = 2
 
 CONTENT_VERSION: Final = 1
-CONTENT_TEXT: Final = 1  # other values reserved for control messages
+CONTENT_TEXT: Final = 1
+CONTENT_RECEIPT: Final = 2  # these ids are decrypted and stored on my device
+CONTENT_REJECTED: Final = 3  # these ids reached me from you and did not open
+CONTROL_KINDS: Final = frozenset((CONTENT_RECEIPT, CONTENT_REJECTED))
 MSG_ID_SIZE: Final = 16
 GROUP_ID_SIZE: Final = 16
 MEMBER_SIZE: Final = 32
+GROUP_ID_KEY: Final = b"securechat/v1/client/group"  # keyed BLAKE2b-256, first 16 bytes
 _CONTENT_HEAD: Final = struct.Struct(">BB16sQB")
 _GROUP_HEAD: Final = struct.Struct(">16sH")
 _TEXT_LEN: Final = struct.Struct(">I")
+_ID_COUNT: Final = struct.Struct(">H")
 CONTENT_FLAG_GROUP: Final = 1
 PAD_MARKER: Final = 0x80
 
 # --- bounds we chose ----------------------------------------------------------------------------
 MAX_TEXT_BYTES: Final = 16 * 1024
 MAX_GROUP_MEMBERS: Final = 64
+MAX_CONTROL_IDS: Final = 512  # message ids in one RECEIPT or REJECTED (8 KiB)
 PAD_BUCKETS: Final = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 20480)
 MAX_RECORD_SIZE: Final = (
     _CONTENT_HEAD.size + _GROUP_HEAD.size + MAX_GROUP_MEMBERS * MEMBER_SIZE
@@ -70,6 +90,7 @@ MAX_ENVELOPE_SIZE: Final = (
     _PREFIX.size + X3DH_HEADER_SIZE + ratchet.OVERHEAD + PAD_BUCKETS[-1]
 )
 assert PAD_BUCKETS[-1] > MAX_RECORD_SIZE
+assert PAD_BUCKETS[-1] > _CONTENT_HEAD.size + _ID_COUNT.size + MAX_CONTROL_IDS * MSG_ID_SIZE
 _BUCKET_SET: Final = frozenset(PAD_BUCKETS)
 _PAD_MARKER_BYTE: Final = bytes([PAD_MARKER])
 _MALFORMED: Final = "message content is malformed"
@@ -78,12 +99,29 @@ _U64_END: Final = 2**64
 _RATCHET_OVERHEAD: Final = ratchet.OVERHEAD
 
 
+def derive_group_id(members: tuple[bytes, ...]) -> bytes:
+    """The id of the group of exactly these members (identity X25519 keys).
+
+    ``BLAKE2b-256(key = GROUP_ID_KEY, data = the sorted distinct keys joined)``,
+    first 16 bytes. Deriving instead of choosing binds the id to the member
+    list: a non-member cannot post into a group by naming its id, and a member
+    who shows different member lists to different members shows them
+    different conversations.
+    """
+    data = b"".join(sorted(set(members)))
+    digest = nacl.bindings.crypto_generichash_blake2b_salt_personal(
+        data, digest_size=32, key=GROUP_ID_KEY
+    )
+    return bytes(digest[:GROUP_ID_SIZE])
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     """A group conversation as every member's copy states it.
 
     ``members`` are identity X25519 keys, kept sorted so that every copy
-    carries the same bytes and the relay cannot split or merge groups.
+    carries the same bytes and the relay cannot split or merge groups; the id
+    must be :func:`derive_group_id` of them (SessionError otherwise).
     """
 
     group_id: bytes
@@ -98,16 +136,43 @@ class Group:
             raise SessionError(f"a group has 2 to {MAX_GROUP_MEMBERS} members")
         if any(len(m) != MEMBER_SIZE for m in ordered):
             raise SessionError("group members are 32-byte identity keys")
+        if self.group_id != derive_group_id(ordered):
+            raise SessionError("group id does not match its member list")
+
+    @classmethod
+    def of(cls, members: tuple[bytes, ...] | list[bytes]) -> Group:
+        """The group of these members, with its derived id."""
+        ordered = tuple(sorted(set(members)))
+        return cls(derive_group_id(ordered), ordered)
 
 
 @dataclass(frozen=True, slots=True)
 class Content:
-    """What a person sent: id (also the relay msg_id), time, text, group context."""
+    """What a person sent: id (also the relay frame's msg_id), time, and either text
+    (``kind`` TEXT, maybe in a group) or the message ids a RECEIPT or REJECTED names."""
 
     msg_id: bytes
     sent_ms: int
     text: str
     group: Group | None = None
+    kind: int = CONTENT_TEXT
+    ids: tuple[bytes, ...] = ()
+
+    @property
+    def is_control(self) -> bool:
+        return self.kind in CONTROL_KINDS
+
+
+def control(
+    kind: int, msg_id: bytes, sent_ms: int, ids: list[bytes] | tuple[bytes, ...]
+) -> Content:
+    """A RECEIPT or REJECTED naming ``ids`` (sorted, distinct, at most MAX_CONTROL_IDS)."""
+    ordered = tuple(sorted(set(ids)))
+    if kind not in CONTROL_KINDS:
+        raise SessionError(f"not a control content type: {kind}")
+    if not 1 <= len(ordered) <= MAX_CONTROL_IDS or any(len(i) != MSG_ID_SIZE for i in ordered):
+        raise SessionError(f"a receipt names 1 to {MAX_CONTROL_IDS} 16-byte message ids")
+    return Content(msg_id, sent_ms, "", None, kind, ordered)
 
 
 class Envelope(NamedTuple):
@@ -173,6 +238,8 @@ def encode_content(content: Content) -> bytes:
         raise SessionError(f"message too long: at most {MAX_TEXT_BYTES} bytes of text")
     if len(msg_id) != MSG_ID_SIZE or not 0 <= sent_ms < _U64_END:
         raise SessionError("message id must be 16 bytes and the time a u64")
+    if content.kind != CONTENT_TEXT:
+        return _encode_control(content)
     if group is None:
         head = _CONTENT_HEAD.pack(CONTENT_VERSION, CONTENT_TEXT, msg_id, sent_ms, 0)
         size = _PLAIN_RECORD_OVERHEAD + len(text)
@@ -186,6 +253,21 @@ def encode_content(content: Content) -> bytes:
         size = sum(map(len, parts))
     parts += [_PAD_MARKER_BYTE, bytes(_bucket(size) - size - 1)]
     return b"".join(parts)
+
+
+def _encode_control(content: Content) -> bytes:
+    ids = content.ids
+    ordered = tuple(sorted(set(ids)))
+    if (
+        content.kind not in CONTROL_KINDS or content.group is not None or content.text
+        or ordered != ids or not 1 <= len(ids) <= MAX_CONTROL_IDS
+        or any(len(i) != MSG_ID_SIZE for i in ids)
+    ):
+        raise SessionError(
+            f"a receipt names 1 to {MAX_CONTROL_IDS} distinct ids, sorted, and nothing else"
+        )
+    head = _CONTENT_HEAD.pack(CONTENT_VERSION, content.kind, content.msg_id, content.sent_ms, 0)
+    return pad(b"".join((head, _ID_COUNT.pack(len(ids)), *ids)))
 
 
 def _bucket(size: int) -> int:
@@ -227,10 +309,14 @@ def decode_content(padded: bytes) -> Content:
     if end < _CONTENT_HEAD.size:
         raise SessionError(_MALFORMED)
     version, kind, msg_id, sent_ms, flags = _CONTENT_HEAD.unpack_from(padded)
-    if version != CONTENT_VERSION or kind != CONTENT_TEXT:
+    if version != CONTENT_VERSION or (kind != CONTENT_TEXT and kind not in CONTROL_KINDS):
         raise SessionError("message uses an unsupported content version or type; upgrade")
     if flags not in (0, CONTENT_FLAG_GROUP):
         raise SessionError("message content has unknown flags")
+    if kind in CONTROL_KINDS:
+        if flags:
+            raise SessionError(_MALFORMED)
+        return Content(msg_id, sent_ms, "", None, kind, _decode_ids(padded[:end]))
     group, offset = None, _CONTENT_HEAD.size
     if flags:
         group, offset = _decode_group(padded[:end], offset)
@@ -249,6 +335,20 @@ def decode_content(padded: bytes) -> Content:
     if text_start + text_len != end:
         raise SessionError(_MALFORMED)  # trailing bytes
     return Content(msg_id, sent_ms, text, group)
+
+
+def _decode_ids(record: bytes) -> tuple[bytes, ...]:
+    """The id list of a RECEIPT or REJECTED record: count, then strictly ascending ids."""
+    r = Reader(record, SessionError(_MALFORMED))
+    r.take(_CONTENT_HEAD.size)
+    count = int.from_bytes(r.take(_ID_COUNT.size), "big")
+    if not 1 <= count <= MAX_CONTROL_IDS:
+        raise SessionError(_MALFORMED)
+    ids = tuple(r.take(MSG_ID_SIZE) for _ in range(count))
+    r.end()
+    if any(a >= b for a, b in itertools.pairwise(ids)):
+        raise SessionError("receipt ids are not strictly sorted")
+    return ids
 
 
 def _decode_group(record: bytes, offset: int) -> tuple[Group, int]:

@@ -90,6 +90,8 @@ MAX_SKIP: Final = 1000
 # Total skipped keys kept per session; beyond it the oldest are evicted (those
 # messages, if they ever arrive, fail to open). Bounds memory and state size.
 MAX_SKIPPED_KEYS: Final = 2000
+# A DH step (X25519 + HKDF) measured against KDF_CK steps (two HMAC-SHA256): about 30x.
+DH_STEP_COST: Final = 30
 
 STATE_VERSION: Final = 1
 _STATE_HEAD: Final = struct.Struct(">B32s32sBIIII")
@@ -259,8 +261,55 @@ def _skip(chain: bytes, start: int, until: int, ratchet_key: bytes) -> tuple[byt
     return chain, keys
 
 
+def can_step(state: RatchetState) -> bool:
+    """Whether a message with a *new* ratchet key may belong to this session.
+
+    The peer makes a new ratchet key only after it received one of ours, and
+    we make one only at our first send after a DH step. So a new key is
+    possible only if we have sent since our last step (a sending chain), or
+    if we never received at all (a responder's fresh session). Anything else
+    is a forgery, refused without spending a DH on it.
+    """
+    return state.send_chain is not None or state.dhr is None
+
+
+def work(state: RatchetState, message: bytes) -> int | None:
+    """What :func:`decrypt` would spend on ``message``, in KDF_CK steps (a DH step
+    counts :data:`DH_STEP_COST`); None if this session cannot open it at all.
+
+    Cheap (it reads only the header), so a receiver can pick the session whose
+    ratchet key matches and charge the work against a budget before doing it.
+    """
+    if len(message) < OVERHEAD:
+        return None
+    fields: tuple[int, bytes, int, int] = _HEADER.unpack_from(message)
+    version, ratchet_key, previous_count, number = fields
+    if version != RATCHET_VERSION:
+        return None
+    if (ratchet_key, number) in state.skipped:
+        return 0
+    dhr = state.dhr
+    if dhr is not None and hmac.compare_digest(ratchet_key, dhr):
+        if state.recv_chain is None or number < state.nr or number - state.nr > MAX_SKIP:
+            return None
+        return number - state.nr + 1
+    if not can_step(state) or number > MAX_SKIP:
+        return None
+    old = 0
+    if state.recv_chain is not None:
+        old = previous_count - state.nr
+        if not 0 <= old <= MAX_SKIP:
+            return None
+    return DH_STEP_COST + number + 1 + old
+
+
 def decrypt(state: RatchetState, message: bytes, ad: bytes) -> tuple[bytes, Update]:
-    """RatchetDecrypt without side effects: (plaintext, update to apply)."""
+    """RatchetDecrypt without side effects: (plaintext, update to apply).
+
+    On a DH step the skipped keys of the old receiving chain (up to PN) are
+    derived only after the message opened: they change nothing the new chain
+    needs, and a forged header then costs one DH and its own chain's steps.
+    """
     if len(message) < OVERHEAD:
         raise AuthenticationError()
     version, ratchet_key, previous_count, number = _HEADER.unpack_from(message)
@@ -276,13 +325,16 @@ def decrypt(state: RatchetState, message: bytes, ad: bytes) -> tuple[bytes, Upda
     new_keys: list[KeyEntry] | tuple[()] = ()
     root: bytes | None = None
     dhr = state.dhr
+    old_chain = None
     if dhr is not None and hmac.compare_digest(ratchet_key, dhr):
         if state.recv_chain is None or number < state.nr:
             raise AuthenticationError()  # key already used and deleted: a replay
         chain, start = state.recv_chain, state.nr
     else:
         if state.recv_chain is not None and dhr is not None:
-            _, new_keys = _skip(state.recv_chain, state.nr, previous_count, dhr)
+            if not 0 <= previous_count - state.nr <= MAX_SKIP:
+                raise AuthenticationError()
+            old_chain = state.recv_chain
         try:
             shared = dh.x25519(state.dhs_private, ratchet_key)
         except InvalidPublicKeyError as exc:
@@ -290,10 +342,12 @@ def decrypt(state: RatchetState, message: bytes, ad: bytes) -> tuple[bytes, Upda
         root, chain = kdf_rk(state.root_key, shared)
         start = 0
     if number != start:
-        chain, more = _skip(chain, start, number, ratchet_key)
-        new_keys = [*new_keys, *more]
+        chain, new_keys = _skip(chain, start, number, ratchet_key)
     chain, message_key = kdf_ck(chain)
     plaintext = open_sealed(message_key, nonce, body, full_ad)
+    if old_chain is not None and dhr is not None:
+        _, old_keys = _skip(old_chain, state.nr, previous_count, dhr)
+        new_keys = [*old_keys, *new_keys]
     return plaintext, Update(None, root, ratchet_key, chain, number + 1, tuple(new_keys))
 
 

@@ -104,7 +104,7 @@ def test_hostile_network_conversation(
             counter += 1
             group = None
             if n_parties == 3 and data.draw(st.booleans(), label="group"):
-                group = Group(bytes(16), tuple(p.identity.public.dh for p in parties))
+                group = Group.of(tuple(p.identity.public.dh for p in parties))
             content = Content(counter.to_bytes(16, "big"), counter, f"message {counter}", group)
             peer = parties[r].identity.public
             bundle = None

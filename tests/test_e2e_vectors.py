@@ -48,7 +48,9 @@ def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
     return out[:length]
 
 
-@pytest.mark.parametrize("name", ["e2e_x3dh.json", "e2e_kdf_chains.json", "e2e_envelope.json"])
+@pytest.mark.parametrize(
+    "name", ["e2e_x3dh.json", "e2e_kdf_chains.json", "e2e_envelope.json", "e2e_group_id.json"]
+)
 def test_generator_reproduces_file(name: str) -> None:
     stored = _load(name)
     assert stored["description"] and stored["provenance"]
@@ -121,6 +123,15 @@ def test_kdf_vector_independently() -> None:
         assert sealed.hex() == step["sealed"]
 
 
+def test_group_id_vectors() -> None:
+    v = _load("e2e_group_id.json")
+    assert len(v["cases"]) >= 4
+    for case in v["cases"]:
+        members = tuple(bytes.fromhex(m) for m in case["members"])
+        assert envelope.derive_group_id(members).hex() == case["group_id"]
+        assert Group.of(members).group_id.hex() == case["group_id"]
+
+
 def test_envelope_vector_flow() -> None:
     """Both sides replay the flow from the listed randomness: same bytes out, all open."""
     v = _load("e2e_envelope.json")
@@ -150,7 +161,10 @@ def test_envelope_vector_flow() -> None:
                 bytes.fromhex(m["group"]["group_id"]),
                 tuple(bytes.fromhex(x) for x in m["group"]["members"]),
             )
-        content = Content(bytes.fromhex(m["msg_id"]), m["sent_ms"], m["text"], got_group)
+        content = Content(
+            bytes.fromhex(m["msg_id"]), m["sent_ms"], m["text"], got_group, m["kind"],
+            tuple(bytes.fromhex(i) for i in m["ids"]),
+        )
         payload = states[sender].encrypt(
             ids[receiver].public,
             content,
@@ -161,6 +175,10 @@ def test_envelope_vector_flow() -> None:
         assert tapes[sender].used[used:] == m["randomness_used"]
         assert envelope.encode_content(content).hex() == m["padded_plaintext"]
         assert payload.hex() == m["payload"]
+        prefix, header = bytes.fromhex(m["envelope_prefix"]), bytes.fromhex(m["ratchet_header"])
+        assert payload.startswith(prefix + header)
+        ad_parts = m["x3dh_ad"] + m["envelope_prefix"] + m["ratchet_header"]
+        assert m["aead_associated_data"] == ad_parts
         got = states[receiver].decrypt(ids[sender].public.dh, payload, m["sent_ms"])
         assert got.content == content and not got.duplicate
     for t in v["tampered"]:

@@ -16,7 +16,7 @@ from securechat.keys import generate_identity
 from securechat.x3dh import InitialHeader
 
 members = st.lists(st.binary(min_size=32, max_size=32), min_size=2, max_size=8, unique=True)
-groups = st.builds(Group, st.binary(min_size=16, max_size=16), members.map(tuple))
+groups = members.map(tuple).map(Group.of)
 contents = st.builds(
     Content,
     st.binary(min_size=16, max_size=16),
@@ -78,23 +78,67 @@ def test_limits() -> None:
     with pytest.raises(SessionError):
         envelope.encode_content(Content(bytes(15), 1, "x"))
     with pytest.raises(SessionError):
-        Group(bytes(16), (bytes(32),))
+        Group.of((bytes(32),))
     with pytest.raises(SessionError):
-        Group(
-            bytes(16), tuple(i.to_bytes(32, "big") for i in range(envelope.MAX_GROUP_MEMBERS + 1))
-        )
-    full = Group(bytes(16), tuple(i.to_bytes(32, "big") for i in range(envelope.MAX_GROUP_MEMBERS)))
+        Group.of(tuple(i.to_bytes(32, "big") for i in range(envelope.MAX_GROUP_MEMBERS + 1)))
+    full = Group.of(tuple(i.to_bytes(32, "big") for i in range(envelope.MAX_GROUP_MEMBERS)))
     largest = Content(bytes(16), 2**64 - 1, "x" * envelope.MAX_TEXT_BYTES, full)
+    assert envelope.decode_content(envelope.encode_content(largest)) == largest
+
+
+def test_group_id_is_derived_from_the_member_list() -> None:
+    a, b, c = (bytes([i]) * 32 for i in (3, 1, 2))
+    group = Group.of((a, b))
+    assert group.group_id == envelope.derive_group_id((b, a))
+    assert Group.of((a, b, c)).group_id != group.group_id
+    with pytest.raises(SessionError, match="does not match"):
+        Group(bytes(16), (a, b))  # a chosen id is refused
+    with pytest.raises(SessionError, match="does not match"):
+        Group(Group.of((a, b, c)).group_id, (a, b))  # another list's id too
+    record = envelope.unpad(envelope.encode_content(Content(bytes(16), 1, "t", group)))
+    forged = record.replace(group.group_id, Group.of((a, b, c)).group_id)
+    with pytest.raises(SessionError, match="does not match"):
+        envelope.decode_content(envelope.pad(forged))
+
+
+def test_receipts_round_trip_and_are_canonical() -> None:
+    ids = [bytes([9 - i]) * 16 for i in range(5)]
+    receipt = envelope.control(envelope.CONTENT_RECEIPT, bytes(16), 7, ids)
+    assert receipt.ids == tuple(sorted(ids)) and receipt.is_control
+    assert envelope.decode_content(envelope.encode_content(receipt)) == receipt
+    rejected = envelope.control(envelope.CONTENT_REJECTED, bytes(16), 7, ids[:1])
+    assert envelope.decode_content(envelope.encode_content(rejected)) == rejected
+    record = envelope.unpad(envelope.encode_content(receipt))
+    head = 1 + 1 + 16 + 8 + 1 + 2
+    swapped = record[:head] + record[head + 16 : head + 32] + record[head : head + 16]
+    swapped += record[head + 32 :]
+    with pytest.raises(SessionError):  # unsorted ids
+        envelope.decode_content(envelope.pad(swapped))
+    with pytest.raises(SessionError):  # a group flag on a receipt
+        envelope.decode_content(envelope.pad(record[:26] + b"\x01" + record[27:]))
+    with pytest.raises(SessionError):  # trailing bytes
+        envelope.decode_content(envelope.pad(record + b"\x00"))
+    with pytest.raises(SessionError):
+        envelope.control(envelope.CONTENT_RECEIPT, bytes(16), 7, [])
+    with pytest.raises(SessionError):
+        envelope.control(
+            envelope.CONTENT_RECEIPT, bytes(16), 7,
+            [i.to_bytes(16, "big") for i in range(envelope.MAX_CONTROL_IDS + 1)],
+        )
+    largest = envelope.control(
+        envelope.CONTENT_RECEIPT, bytes(16), 7,
+        [i.to_bytes(16, "big") for i in range(envelope.MAX_CONTROL_IDS)],
+    )
     assert envelope.decode_content(envelope.encode_content(largest)) == largest
 
 
 def test_group_members_are_sorted_and_unique() -> None:
     a, b, c = (bytes([i]) * 32 for i in (3, 1, 2))
-    assert Group(bytes(16), (a, b, c, a)).members == (b, c, a)
+    assert Group.of((a, b, c, a)).members == (b, c, a)
 
 
 def test_unsorted_members_on_the_wire_are_rejected() -> None:
-    g = Group(bytes(16), (bytes([1]) * 32, bytes([2]) * 32))
+    g = Group.of((bytes([1]) * 32, bytes([2]) * 32))
     record = envelope.unpad(envelope.encode_content(Content(bytes(16), 1, "t", g)))
     head = 1 + 1 + 16 + 8 + 1 + 16 + 2
     swapped = (

@@ -283,7 +283,7 @@ class Messenger:
                     "move it away to start fresh"
                 )
             return e2e.E2EState.new(self.identity)  # its core is written by the first save
-        return e2e.E2EState.load(self.identity, core, peers)
+        return e2e.E2EState.load(self.identity, core, peers.items())
 
     @contextlib.contextmanager
     def _save_state(self) -> Iterator[None]:

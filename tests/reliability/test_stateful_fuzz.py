@@ -297,7 +297,7 @@ class Envelopes(RuleBasedStateMachine):
             signed, otks = p.make_prekeys(self.rnd.randbytes, 0, one_time=4)
             self.prekeys.append([parse_bundle(signed, o) for o in otks])
         members = tuple(sorted(i.public.dh for i in ids))
-        self.group = Group(bytes(range(16)), members)
+        self.group = Group.of(members)
         self.shown: set[tuple[bytes, int]] = set()
         self.clock = 1
 

@@ -171,13 +171,16 @@ Step = tuple[str, str, Content]  # sender, receiver, content
 
 def _script() -> list[Step]:
     alice, bob = identity("alice"), identity("bob")
-    group = Group(bytes(range(16)), (alice.public.dh, bob.public.dh))
+    group = Group.of((alice.public.dh, bob.public.dh))
     return [
         ("alice", "bob", Content(bytes([1]) * 16, 1_700_000_000_001, "hello bob")),
         ("alice", "bob", Content(bytes([2]) * 16, 1_700_000_000_002, "second, before any reply")),
         ("bob", "alice", Content(bytes([3]) * 16, 1_700_000_000_003, "hi alice ✓")),
         ("alice", "bob", Content(bytes([4]) * 16, 1_700_000_000_004, "x" * 70, group)),
         ("bob", "alice", Content(bytes([5]) * 16, 1_700_000_000_005, "")),
+        ("alice", "bob", envelope.control(
+            envelope.CONTENT_RECEIPT, bytes([6]) * 16, 1_700_000_000_006,
+            [bytes([3]) * 16, bytes([5]) * 16])),
     ]
 
 
@@ -200,6 +203,10 @@ def build_envelope() -> dict[str, Any]:
         )
         got = states[receiver].decrypt(ids[sender].public.dh, payload, content.sent_ms)
         assert got.content == content and not got.duplicate
+        session = states[sender]._peers[ids[receiver].public.dh].sessions[0]
+        prefix_size = 2 + (envelope.X3DH_HEADER_SIZE if payload[1] == envelope.KIND_INITIAL else 0)
+        prefix = payload[:prefix_size]
+        header = payload[prefix_size : prefix_size + ratchet.HEADER_SIZE]
         messages.append(
             {
                 "sender": sender,
@@ -214,7 +221,13 @@ def build_envelope() -> dict[str, Any]:
                     "group_id": content.group.group_id.hex(),
                     "members": [m.hex() for m in content.group.members],
                 },
+                "kind": content.kind,
+                "ids": [i.hex() for i in content.ids],
                 "padded_plaintext": envelope.encode_content(content).hex(),
+                "x3dh_ad": session.ad.hex(),
+                "envelope_prefix": prefix.hex(),
+                "ratchet_header": header.hex(),
+                "aead_associated_data": (session.ad + prefix + header).hex(),
                 "payload": payload.hex(),
                 "result": "ok",
             }
@@ -239,7 +252,11 @@ def build_envelope() -> dict[str, Any]:
         "replies; each later change of speaker consumes one ratchet private; every message "
         "consumes one 12-byte nonce (first 12 bytes of its label's secret). "
         "Secret 'label' = SHA-256('securechat vector ' || label). Decrypt each payload in "
-        "order; tampered copies of the last payload must fail.",
+        "order; tampered copies of the last payload must fail. Each message lists the "
+        "AEAD associated data, x3dh_ad || envelope_prefix || ratchet_header, where "
+        "envelope_prefix is every envelope byte before the ratchet message (version, kind, "
+        "and for INITIAL the 105-byte X3DH header). The first message is an INITIAL, the "
+        "third the reply that ends the INITIAL phase; the last is a RECEIPT.",
         "provenance": PROVENANCE,
         "alice": _identity_json(ids["alice"]),
         "bob": _identity_json(ids["bob"]),
@@ -253,7 +270,27 @@ def build_envelope() -> dict[str, Any]:
     }
 
 
+def build_group_ids() -> dict[str, Any]:
+    keys = [identity(n).public.dh for n in ("alice", "bob", "carol", "dave")]
+    sets = [keys[:2], keys[1::-1], keys[:3], [keys[2], keys[0], keys[1], keys[0]], keys]
+    return {
+        "description": "group_id = first 16 bytes of BLAKE2b-256(key = "
+        "'securechat/v1/client/group', data = the distinct member X25519 keys, sorted "
+        "ascending as byte strings, concatenated). 'members' is listed as given (unsorted, "
+        "with a repeat in one case); the id depends only on the set.",
+        "provenance": PROVENANCE,
+        "cases": [
+            {
+                "members": [m.hex() for m in members],
+                "group_id": envelope.derive_group_id(tuple(members)).hex(),
+            }
+            for members in sets
+        ],
+    }
+
+
 BUILDERS = {
+    "e2e_group_id.json": build_group_ids,
     "e2e_x3dh.json": build_x3dh,
     "e2e_kdf_chains.json": build_kdf_chains,
     "e2e_envelope.json": build_envelope,
