@@ -152,7 +152,7 @@ def state_write(peers: int, messages: int = 40) -> dict[str, float]:
     from pathlib import Path
 
     from securechat import keys
-    from securechat.client.store import ClientStore
+    from securechat.client.store import ClientStore, StoreKeys
     from securechat.e2e import E2EState
     from securechat.envelope import Content
 
@@ -162,7 +162,9 @@ def state_write(peers: int, messages: int = 40) -> dict[str, float]:
     target = busy[0].public
     result: dict[str, float] = {"peers": peers}
     with tempfile.TemporaryDirectory() as tmp:
-        store = ClientStore(Path(tmp) / "bench.state.db", os.urandom(32), os.urandom(32))
+        store = ClientStore(
+            Path(tmp) / "bench.state.db", StoreKeys(os.urandom(32), os.urandom(32), os.urandom(32))
+        )
         try:
             for mode in ("before", "after"):
                 me.take_changes()

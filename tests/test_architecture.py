@@ -32,16 +32,23 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _module_imports(module: str) -> set[str]:
+    """Imports of a top-level module: one file, or every file of a package."""
+    if (PKG / module).is_dir():
+        return set().union(*(_imports(p) for p in sorted((PKG / module).glob("*.py"))))
+    return _imports(PKG / f"{module}.py")
+
+
 @pytest.mark.parametrize("module", CORE)
 def test_core_module_is_pure(module: str) -> None:
-    for name in _imports(PKG / f"{module}.py"):
+    for name in _module_imports(module):
         top = name.split(".")[0]
         assert top not in IMPURE, f"core module {module} imports {name}"
 
 
 @pytest.mark.parametrize("module", CORE)
 def test_core_never_imports_a_shell(module: str) -> None:
-    for name in _imports(PKG / f"{module}.py"):
+    for name in _module_imports(module):
         parts = name.split(".")
         if parts[0] == "securechat" and len(parts) > 1:
             assert parts[1] not in SHELLS, f"core module {module} imports shell {name}"

@@ -16,7 +16,7 @@ from typing import Final
 from securechat import keys, keystore, wire
 from securechat.client.link import KNOWN_RELAYS, KnownRelays, read_relay_key_file
 from securechat.client.messenger import Conversation, Event, Messenger
-from securechat.client.store import ClientStore
+from securechat.client.store import ClientStore, StoreKeys
 
 ENV_RELAY: Final = "SECURECHAT_RELAY"
 DEFAULT_RELAY: Final = "127.0.0.1:5050"
@@ -33,9 +33,7 @@ def state_path(identity: keys.Identity) -> Path:
 
 def open_store(identity: keys.Identity) -> ClientStore:
     keystore.ensure_home()
-    return ClientStore(
-        state_path(identity), identity.storage_key("state"), identity.storage_key("history")
-    )
+    return ClientStore(state_path(identity), StoreKeys.of(identity))
 
 
 @dataclass(slots=True)

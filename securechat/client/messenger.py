@@ -1,4 +1,4 @@
-"""The client engine: sessions, outbox, history, and the relay connection (shell).
+"""The client engine: sessions, outbox, receipts, history, and the relay connection (shell).
 
 Theory of operation
 -------------------
@@ -7,19 +7,29 @@ connects (exponential backoff with full jitter while the relay is away),
 resends the outbox, reads frames and handles them. The UI thread calls
 :meth:`Messenger.send_text`; everything that touches the E2E state or the
 store happens under one lock, and every user-visible change is reported as an
-:class:`Event` through the ``on_event`` callback (called from either thread).
+:class:`~securechat.client.events.Event` through ``on_event`` (from either thread).
 
 Never lose a word:
   * ``send_text`` seals the message for every member, then in ONE
     transaction saves the advanced ratchets, queues the exact frame in the
     outbox, and records the history line. Only then does it try the network.
-    A crash before the commit loses nothing the user was told was sent; a
-    crash after it resends the same frame on restart.
-  * An outbox entry leaves the outbox only on the relay's ``Accepted`` (the
-    relay's promise that the frame is durable or delivered).
+  * An outbox entry leaves the outbox only on the relay's ``Accepted``.
   * An incoming message is acknowledged to the relay only after the ratchet
-    state and the history line are committed, so a crash makes the relay
-    deliver it again, and the E2E layer's duplicate detection hides the copy.
+    state, the history line and the receipt due to its sender are committed
+    (one transaction), so a crash makes the relay deliver it again and the
+    E2E layer's duplicate detection hides the copy.
+
+Never a silent downgrade: a session is started with the peer's prekey bundle.
+Without one (offline, no answer, or a relay that says "none" for a peer that
+published prekeys before) the message is *held*, sealed only at rest, and a
+notice says why; it goes out, in order, once a bundle arrives. Only a peer
+never seen with prekeys gets the documented no-prekey start.
+
+Delivery marks: ``Accepted`` from the relay is the relay's word (✓); ✓✓ comes
+only from the recipient's device, an end-to-end RECEIPT it sends after it
+decrypted and stored the message. A message that does not open is reported
+here, and, when we have a session with the claimed sender, reported back to
+it (REJECTED, at most one per peer per :data:`REJECT_INTERVAL`).
 """
 
 from __future__ import annotations
@@ -29,28 +39,41 @@ import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from securechat import e2e, envelope, keys, keystore, wire, x3dh
+from securechat import e2e, envelope, keys, wire, x3dh
+from securechat.client.events import (
+    STATUS_ACCEPTED,
+    STATUS_DELIVERED,
+    STATUS_PENDING,
+    STATUS_RECEIVED,
+    ConnectionEvent,
+    Event,
+    MessageEvent,
+    NoticeEvent,
+    PresenceEvent,
+    StatusEvent,
+)
 from securechat.client.link import KnownRelays, RelayLink
-from securechat.client.store import ClientStore, OutboxItem
+from securechat.client.peers import Conversation, KnownPeers, direct_conv_id, group_conv_id
+from securechat.client.store import ClientStore
 from securechat.errors import (
-    AuthenticationError,
     InternalError,
-    PeerKeyChangedError,
     ProtocolError,
     RelayKeyChangedError,
     SecureChatError,
     StorageError,
     TransportError,
+    TrustError,
 )
 
-STATUS_PENDING: Final = 0
-STATUS_ACCEPTED: Final = 1  # the relay holds it durably (or delivered it)
-STATUS_DELIVERED: Final = 2  # the recipient's device acknowledged it
-STATUS_RECEIVED: Final = 3  # an incoming message
+__all__ = [  # the event types are re-exported for the shells that import them from here
+    "STATUS_ACCEPTED", "STATUS_DELIVERED", "STATUS_PENDING", "STATUS_RECEIVED",
+    "ConnectionEvent", "Conversation", "Event", "KnownPeers", "MessageEvent", "Messenger",
+    "NoticeEvent", "PresenceEvent", "StatusEvent", "direct_conv_id",
+]
 
 PREKEY_LOW_WATER: Final = 20  # replenish one-time prekeys below this many
 PREKEY_TARGET: Final = 100
@@ -59,157 +82,18 @@ BACKOFF_INITIAL: Final = 0.25
 BACKOFF_MAX: Final = 15.0
 POLL_INTERVAL: Final = 0.2
 STOP_GRACE: Final = 2.0  # seconds a clean stop waits for the network thread
-MAX_TRACKED_STATUSES: Final = 10_000  # sent messages whose delivery mark is remembered
+MAX_TRACKED: Final = 10_000  # sent messages whose recipients and mark are remembered
 PING_INTERVAL: Final = 20.0
+ROTATION_CHECK: Final = 3600.0  # seconds between checks that the signed prekey is due
+HELD_RETRY: Final = 10.0  # seconds between attempts to release held messages
 RETRY_AFTER_REFUSAL: Final = 2.0
+REJECT_INTERVAL: Final = 60.0  # at most one REJECTED per peer per minute
 MAX_ACK_BATCH: Final = wire.MAX_ACKS
+PREKEY_PEERS: Final = "prekey_peers"  # meta blob: peers once seen with a bundle
 
 
-# --- events for the UI -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEvent:
-    conv: str
-    msg_id: bytes
-    sender_name: str
-    sender_fingerprint: str
-    verified: bool  # the sender is a known peer whose key matches
-    sent_ms: int
-    text: str
-    group: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StatusEvent:
-    msg_id: bytes
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEvent:
-    connected: bool
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class NoticeEvent:
-    text: str
-    error: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceEvent:
-    name: str
-    online: bool
-
-
-Event = MessageEvent | StatusEvent | ConnectionEvent | NoticeEvent | PresenceEvent
-
-
-# --- conversations and trust -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    """Who a message goes to: one peer, or a group of several with a stable id."""
-
-    conv_id: str
-    peers: tuple[keys.PublicIdentity, ...]
-    group: envelope.Group | None
-
-    @classmethod
-    def with_peers(
-        cls, me: keys.PublicIdentity, peers: Iterable[keys.PublicIdentity]
-    ) -> Conversation:
-        unique = {p.dh: p for p in peers if p.dh != me.dh}
-        members = tuple(unique.values())
-        if not members:
-            raise SecureChatError("a conversation needs at least one peer other than yourself")
-        if len(members) == 1:
-            return cls(direct_conv_id(me.dh, members[0].dh), members, None)
-        member_keys = tuple(sorted([me.dh, *unique]))
-        group_id = _hash(b"group", b"".join(member_keys))[: envelope.GROUP_ID_SIZE]
-        return cls(f"group-{group_id.hex()}", members, envelope.Group(group_id, member_keys))
-
-
-def _hash(label: bytes, data: bytes) -> bytes:
-    import nacl.bindings
-
-    return bytes(
-        nacl.bindings.crypto_generichash_blake2b_salt_personal(
-            data, digest_size=32, key=b"securechat/v1/client/" + label
-        )
-    )
-
-
-def direct_conv_id(a: bytes, b: bytes) -> str:
-    return "dm-" + _hash(b"direct", b"".join(sorted([a, b])))[:16].hex()
-
-
-class KnownPeers:
-    """Trust on first use, per name, like known_hosts; stored sealed in the client store."""
-
-    BLOB: Final = "known_peers"
-
-    def __init__(self, store: ClientStore) -> None:
-        self._store = store
-
-    def _all(self) -> dict[str, str]:
-        value = self._store.get_json(self.BLOB)
-        return dict(value) if isinstance(value, dict) else {}
-
-    def check(self, peer: keys.PublicIdentity) -> None:
-        """Record a new name; refuse a known name whose key changed."""
-        entries = self._all()
-        line = entries.get(peer.name)
-        if line is None:
-            entries[peer.name] = peer.to_line()
-            self._store.put_json(self.BLOB, entries)
-            return
-        known = keys.PublicIdentity.from_line(line)
-        if not known.same_keys(peer):
-            raise PeerKeyChangedError(
-                f"WARNING: the key for {peer.name!r} has CHANGED (was {known.fingerprint}, now "
-                f"{peer.fingerprint}). Someone may be impersonating {peer.name}. Refusing to send. "
-                f"Verify the new safety number with {peer.name} out of band, then run "
-                f"'securechat trust {peer.name}'"
-            )
-
-    def trust(self, peer: keys.PublicIdentity) -> bool:
-        """Accept ``peer``'s current key; True if it replaced another."""
-        entries = self._all()
-        old = entries.get(peer.name)
-        entries[peer.name] = peer.to_line()
-        self._store.put_json(self.BLOB, entries)
-        return old is not None and old.split(" ")[0] != peer.to_line().split(" ")[0]
-
-    def name_of(self, sender: keys.PublicIdentity) -> tuple[str, bool]:
-        """Display name and whether it is verified (a known peer with these keys).
-
-        A sender not yet known but whose ``NAME.pub`` the user put in the key
-        directory is recorded under that name on first sight, as ``talk --peer
-        NAME`` would have done.
-        """
-        entries = self._all()
-        for name, line in entries.items():
-            if keys.PublicIdentity.from_line(line).same_keys(sender):
-                return name, True
-        for path in sorted(keystore.home().glob(f"*{keystore.PUBLIC_SUFFIX}")):
-            try:
-                candidate = keystore.load_public(str(path))
-            except SecureChatError:
-                continue
-            if candidate.same_keys(sender) and candidate.name not in entries:
-                self.trust(candidate)
-                return candidate.name, True
-        return (sender.name or "unknown"), False
-
-    def identities(self) -> list[keys.PublicIdentity]:
-        return [keys.PublicIdentity.from_line(line) for line in self._all().values()]
-
-
-# --- the engine ----------------------------------------------------------------------------------
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Messenger:
@@ -246,13 +130,19 @@ class Messenger:
         self._watch = tuple(watch)
         self._lock = threading.RLock()
         self._state = self._load_state()
+        self._prekey_peers = set(self.store.get_json(PREKEY_PEERS) or ())
         self._link: RelayLink | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._held_thread: threading.Thread | None = None
+        self._held_wake = threading.Event()
         self._fetches: dict[bytes, tuple[threading.Event, list[wire.Prekeys]]] = {}
         self._retry_at = 0.0
-        self._statuses: dict[bytes, int] = {}  # newest delivery mark per sent message
-        self._receipts: dict[bytes, tuple[int, set[bytes]]] = {}  # recipients, receipts seen
+        self._published = False  # prekeys published on the current connection
+        self._statuses: OrderedDict[bytes, int] = OrderedDict()  # newest mark per message
+        self._recipients: OrderedDict[bytes, frozenset[bytes]] = OrderedDict()
+        self._rejected_at: OrderedDict[bytes, float] = OrderedDict()
+        self._held_notices: set[str] = set()
         self.synced = threading.Event()
         self.fatal: SecureChatError | None = None
         # Why the last connection attempt failed (None once connected): lets commands
@@ -283,7 +173,7 @@ class Messenger:
                     "move it away to start fresh"
                 )
             return e2e.E2EState.new(self.identity)  # its core is written by the first save
-        return e2e.E2EState.load(self.identity, core, peers.items())
+        return e2e.E2EState.load(self.identity, core, peers, key_of=self.store.peer_key)
 
     @contextlib.contextmanager
     def _save_state(self) -> Iterator[None]:
@@ -295,11 +185,17 @@ class Messenger:
         changes = self._state.take_changes()
         try:
             with self.store.transaction():
-                self.store.put_e2e_rows(changes.core, changes.peers)
+                self.store.put_e2e_rows(changes.core, changes.peers, changes.deleted)
                 yield
         except BaseException:
             self._state.requeue(changes)
             raise
+
+    def _save_if_changed(self) -> None:
+        """Write the E2E rows that changed, if any (no empty transaction while idle)."""
+        if self._state.has_changes():
+            with self._save_state():
+                pass
 
     @property
     def connected(self) -> bool:
@@ -316,8 +212,10 @@ class Messenger:
         their acknowledgements) before the link closes, so a clean exit never makes
         the relay redeliver what this client already committed."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=STOP_GRACE)
+        self._held_wake.set()
+        for thread in (self._thread, self._held_thread):
+            if thread is not None:
+                thread.join(timeout=STOP_GRACE)
         link = self._link
         if link is not None:
             link.close()
@@ -333,11 +231,14 @@ class Messenger:
         try:
             self._connect_loop()
         except Exception as exc:
-            self.fatal = InternalError(
-                f"the network thread failed ({type(exc).__name__}: {exc}); nothing unacknowledged "
-                "was lost: restart to retry"
-            )
-            self._emit(NoticeEvent(str(self.fatal), error=True))
+            self._die(exc)
+
+    def _die(self, exc: Exception) -> None:
+        self.fatal = InternalError(
+            f"the network thread failed ({type(exc).__name__}: {exc}); nothing unacknowledged "
+            "was lost: restart to retry"
+        )
+        self._emit(NoticeEvent(str(self.fatal), error=True))
 
     def _connect_loop(self) -> None:
         delay = BACKOFF_INITIAL
@@ -371,9 +272,11 @@ class Messenger:
                 # Publishing the link and resending the outbox under the lock that
                 # send_text holds while sending keeps every message behind older ones.
                 self._link = link
+                self._published = False
                 self._on_connect(link)
             self._emit(ConnectionEvent(True, f"connected to {self.relay_address}"))
-            last_ping = time.monotonic()
+            now = time.monotonic()
+            last_ping = last_rotation = last_held = now
             while not self._stop.is_set():
                 frames = link.receive(POLL_INTERVAL)
                 if frames:
@@ -385,6 +288,12 @@ class Messenger:
                 if now - last_ping > PING_INTERVAL:
                     link.send([wire.Ping(int(now))])
                     last_ping = now
+                if now - last_rotation > ROTATION_CHECK:
+                    last_rotation = now
+                    self._publish_prekeys(link, None)
+                if now - last_held > HELD_RETRY:
+                    last_held = now
+                    self._wake_held()
         except TransportError as exc:
             if not self._stop.is_set():
                 self._emit(ConnectionEvent(False, f"disconnected: {exc}"))
@@ -409,14 +318,42 @@ class Messenger:
     # --- sending -------------------------------------------------------------------------------
 
     def send_text(self, conv: Conversation, text: str) -> bytes:
-        """Seal, persist and (if connected) send; return the message id."""
+        """Seal, persist and (if connected) send; or hold until prekeys come. Return the id."""
         with self._lock:
             for peer in conv.peers:
                 self.peers.check(peer)
-        bundles = self._bundles_for(conv.peers)
         msg_id = os.urandom(wire.ID_SIZE)
-        now = int(time.time() * 1000)
-        content = envelope.Content(msg_id, now, text, conv.group)
+        content = envelope.Content(msg_id, _now_ms(), text, conv.group)
+        envelope.encode_content(content)  # too long or malformed: refused before anything
+        with self._lock:
+            queued_behind = self.store.held_count(conv.conv_id) > 0
+        reason = "earlier messages to them are waiting" if queued_behind else None
+        bundles: dict[bytes, x3dh.Bundle] = {}
+        if reason is None:
+            bundles, reason = self._bundles_for(conv.peers)
+        if reason is not None:
+            self._hold(conv, content, reason)
+        else:
+            self._seal_and_queue(conv, content, bundles, from_held=False)
+        return msg_id
+
+    def _history_record(self, conv: Conversation, content: envelope.Content) -> dict[str, Any]:
+        return {
+            "sender": self.identity.name, "fp": self.identity.public.fingerprint,
+            "sent_ms": content.sent_ms, "text": content.text, "out": True,
+            "to": [p.dh.hex() for p in conv.peers],
+        }
+
+    def _seal_and_queue(
+        self,
+        conv: Conversation,
+        content: envelope.Content,
+        bundles: dict[bytes, x3dh.Bundle],
+        *,
+        from_held: bool,
+    ) -> None:
+        """Seal for every member; in one transaction: ratchets, outbox, history; then send."""
+        msg_id, now = content.msg_id, _now_ms()
         with self._lock:
             payloads = [
                 (wire.mailbox_address(peer.dh),
@@ -429,42 +366,78 @@ class Messenger:
             else:
                 frame = wire.SendMulti(msg_id, tuple(payloads))
             encoded = wire.encode(frame)
-            self._receipts[msg_id] = (len(payloads), set())
-            while len(self._receipts) > MAX_TRACKED_STATUSES:
-                del self._receipts[next(iter(self._receipts))]
+            self._track(self._recipients, msg_id, frozenset(p.dh for p in conv.peers))
             with self._save_state():
-                self.store.outbox_add(OutboxItem(msg_id, conv.conv_id, encoded, now))
-                if self._keep_history:
-                    self.store.history_add(conv.conv_id, msg_id, STATUS_PENDING, {
-                        "sender": self.identity.name, "fp": self.identity.public.fingerprint,
-                        "sent_ms": now, "text": text, "out": True,
-                    })
-            if self._tap is not None:
+                self.store.outbox_add(msg_id, encoded)
+                if from_held:
+                    self.store.held_remove(msg_id)
+                elif self._keep_history:
+                    self.store.history_add(
+                        conv.conv_id, msg_id, STATUS_PENDING, self._history_record(conv, content)
+                    )
+            self._send_now([frame])
+
+    def _send_now(self, frames: list[wire.Frame]) -> None:
+        """Write frames if connected (under the lock, so order holds); else the outbox waits."""
+        if self._tap is not None:
+            for frame in frames:
                 self._tap("out", frame)
-            link = self._link
-            if link is not None:
-                # On failure it stays in the outbox; the network thread resends on reconnect.
-                with contextlib.suppress(TransportError):
-                    link.send([frame])
-        return msg_id
+        link = self._link
+        if link is not None:
+            with contextlib.suppress(TransportError):
+                link.send(frames)
 
-    def _bundles_for(self, peers: Iterable[keys.PublicIdentity]) -> dict[bytes, x3dh.Bundle]:
-        """Prekey bundles for peers we have no session with (only when online).
+    @staticmethod
+    def _track(table: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > MAX_TRACKED:
+            table.popitem(last=False)
 
-        Offline, or if the peer never published one, the E2E layer falls back
-        to the no-bundle agreement (weaker: see docs/threat-model.md).
-        """
+    # --- prekey bundles and held messages --------------------------------------------------------
+
+    def _bundles_for(
+        self, peers: Iterable[keys.PublicIdentity]
+    ) -> tuple[dict[bytes, x3dh.Bundle], str | None]:
+        """Bundles for peers we have no session with, or why we must wait for them."""
         with self._lock:
             missing = [p for p in peers if not self._state.has_session(p)]
         bundles: dict[bytes, x3dh.Bundle] = {}
-        link = self._link
-        if link is None:
-            return bundles
         for peer in missing:
+            link = self._link
+            if link is None:
+                return bundles, f"offline: the message to {peer.name} waits for the relay"
             reply = self._fetch(link, peer.dh)
-            if reply is not None and reply.signed_prekey:
-                bundles[peer.dh] = x3dh.parse_bundle(reply.signed_prekey, reply.one_time_prekey)
-        return bundles
+            if reply is None:
+                return bundles, f"the relay did not answer for {peer.name}'s prekeys"
+            if not reply.signed_prekey:
+                if peer.dh.hex() in self._prekey_peers:
+                    return bundles, (
+                        f"the relay says {peer.name} has no prekeys, but {peer.name} published "
+                        "some before: holding the message rather than starting without them "
+                        "(the relay may be interfering)"
+                    )
+                continue  # never published any: the documented no-prekey start
+            try:
+                bundle = x3dh.parse_bundle(reply.signed_prekey, reply.one_time_prekey)
+                assert bundle.signed_prekey is not None
+                bundle.signed_prekey.verify(peer)
+            except (ProtocolError, SecureChatError):
+                return bundles, (
+                    f"the relay handed out prekeys for {peer.name} that {peer.name} did not "
+                    "sign (the relay may be interfering); holding the message"
+                )
+            bundles[peer.dh] = bundle
+            self._saw_prekeys(peer)
+        return bundles, None
+
+    def _saw_prekeys(self, peer: keys.PublicIdentity) -> None:
+        key = peer.dh.hex()
+        if key in self._prekey_peers:
+            return
+        with self._lock, self.store.transaction():
+            self._prekey_peers.add(key)
+            self.store.put_json(PREKEY_PEERS, sorted(self._prekey_peers))
 
     def _fetch(self, link: RelayLink, identity_key: bytes) -> wire.Prekeys | None:
         done = threading.Event()
@@ -481,9 +454,70 @@ class Messenger:
                 self._fetches.pop(identity_key, None)
         return box[0] if box else None
 
-    def pending(self) -> int:
+    def _hold(self, conv: Conversation, content: envelope.Content, reason: str) -> None:
+        """Keep the text (sealed at rest) until a bundle arrives; say why, once per conversation."""
+        record = {
+            "peers": [p.to_line() for p in conv.peers], "msg_id": content.msg_id.hex(),
+            "sent_ms": content.sent_ms, "text": content.text,
+        }
+        with self._lock, self.store.transaction():
+            self.store.held_add(conv.conv_id, content.msg_id, record)
+            if self._keep_history:
+                self.store.history_add(conv.conv_id, content.msg_id, STATUS_PENDING,
+                                       self._history_record(conv, content))
+        if conv.conv_id not in self._held_notices:
+            self._held_notices.add(conv.conv_id)
+            self._emit(NoticeEvent(f"waiting to send: {reason}", error=True))
+        self._wake_held()
+
+    def _wake_held(self) -> None:
+        """Start (or nudge) the thread that seals held messages once bundles can come.
+
+        Not the network thread: fetching a bundle waits for a frame that only the
+        network thread reads.
+        """
         with self._lock:
-            return self.store.outbox_count()
+            if self._link is None or self.store.held_count() == 0 or self._stop.is_set():
+                return
+            self._held_wake.set()
+            if self._held_thread is not None and self._held_thread.is_alive():
+                return
+            self._held_thread = threading.Thread(
+                target=self._held_loop, name="securechat-held", daemon=True
+            )
+            self._held_thread.start()
+
+    def _held_loop(self) -> None:
+        try:
+            while self._held_wake.is_set() and not self._stop.is_set():
+                self._held_wake.clear()
+                self._release_held()
+        except Exception as exc:
+            self._die(exc)
+
+    def _release_held(self) -> None:
+        """Seal held messages in order; stop at the first that still cannot go."""
+        with self._lock:
+            held = self.store.held()
+        for record in held:
+            if self._link is None or self._stop.is_set():
+                return
+            peers = [keys.PublicIdentity.from_line(line) for line in record["peers"]]
+            conv = Conversation.with_peers(self.identity.public, peers)
+            bundles, reason = self._bundles_for(conv.peers)
+            if reason is not None:
+                return
+            content = envelope.Content(
+                bytes.fromhex(record["msg_id"]), int(record["sent_ms"]), record["text"],
+                conv.group,
+            )
+            self._seal_and_queue(conv, content, bundles, from_held=True)
+            self._held_notices.discard(conv.conv_id)
+
+    def pending(self) -> int:
+        """Messages the user wrote that the relay has not accepted yet (held ones too)."""
+        with self._lock:
+            return self.store.outbox_count() + self.store.held_count()
 
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -514,46 +548,47 @@ class Messenger:
                 self._on_deliver(frame)
                 acks.append((frame.sender_key, frame.msg_id))
             elif isinstance(frame, wire.Accepted):
-                # status 2: every copy was delivered and acknowledged already
-                status = STATUS_DELIVERED if frame.status == wire.STATUS_DELIVERED else (
-                    STATUS_ACCEPTED)
-                self._on_status(frame.msg_id, status, remove=True)
-            elif isinstance(frame, wire.Delivered):
-                # A receipt for ONE recipient's copy: for a group the other copies may
-                # not be safe yet, so only Accepted takes a message out of the outbox,
-                # and the message shows as delivered once every member's device has it.
-                if self._all_receipts_in(frame):
-                    self._on_status(frame.msg_id, STATUS_DELIVERED, remove=False)
+                self._on_accepted(frame.msg_id)
             elif isinstance(frame, wire.PrekeyCount):
-                self._replenish(link, frame.remaining)
+                self._publish_prekeys(link, frame.remaining)
             elif isinstance(frame, wire.Prekeys):
                 self._on_prekeys(frame)
             elif isinstance(frame, wire.Synced):
                 self.synced.set()
+                self._wake_held()
             elif isinstance(frame, wire.Error):
                 self._on_error(frame)
             elif isinstance(frame, wire.Presence):
                 self._on_presence(frame)
+            # wire.Delivered: the relay's own receipt, no longer shown (see the docstring)
         for start in range(0, len(acks), MAX_ACK_BATCH):
             link.send([wire.Ack(tuple(acks[start : start + MAX_ACK_BATCH]))])
+        self._flush_receipts()
 
     def _on_deliver(self, frame: wire.Deliver) -> None:
-        """Open, commit, then (by the caller) acknowledge; forged input is dropped and reported."""
-        now = int(time.time() * 1000)
+        """Open, commit (with the receipt due), then (by the caller) acknowledge."""
+        now = _now_ms()
         with self._lock:
+            trusted = self.peers.trusted_identity(frame.sender_key)
             try:
-                received = self._state.decrypt(frame.sender_key, frame.payload, now)
-            except (AuthenticationError, ProtocolError) as exc:
-                self._emit(NoticeEvent(
-                    f"rejected a message claiming to be from {self._sender_label(frame)}: "
-                    f"{exc}", error=True))
-                return
-            if received.duplicate:
+                received = self._state.decrypt(
+                    frame.sender_key, frame.payload, now, msg_id=frame.msg_id, trusted=trusted
+                )
+            except (ProtocolError, TrustError) as exc:
+                self._rejected(frame, exc)
+                self._save_if_changed()  # e.g. an expired signed prekey was dropped
                 return
             content = received.content
+            if received.duplicate:
+                self._save_if_changed()  # a re-sent id still advanced the ratchet
+                return
+            if content.is_control:
+                with self._save_state():
+                    self._on_control(received)
+                return
             name, verified = self.peers.name_of(received.sender)
             if content.group is not None:
-                conv = f"group-{content.group.group_id.hex()}"
+                conv = group_conv_id(content.group)
             else:
                 conv = direct_conv_id(self.identity.public.dh, received.sender.dh)
             with self._save_state():
@@ -564,51 +599,129 @@ class Messenger:
                         "sent_ms": content.sent_ms, "text": content.text, "out": False,
                         "verified": verified,
                     })
+                self.store.receipt_due(received.sender.dh, envelope.CONTENT_RECEIPT, content.msg_id)
+            weak = received.fallback and self._state.has_prekeys
+        if weak:
+            self._emit(NoticeEvent(
+                f"{name} started this conversation without your prekeys (the no-prekey mode: "
+                "weaker if your key is ever stolen). If they had your prekeys, the relay may be "
+                "interfering; compare safety numbers", error=True))
         if fresh:
             self.received_count += 1
             self._emit(MessageEvent(conv, content.msg_id, name, received.sender.fingerprint,
                                     verified, content.sent_ms, content.text,
                                     content.group is not None))
 
-    def _all_receipts_in(self, frame: wire.Delivered) -> bool:
-        """Count one recipient's receipt; True once every recipient's has come.
+    def _rejected(self, frame: wire.Deliver, exc: SecureChatError) -> None:
+        """Report a message that did not open, here and (rate-limited) to its sender."""
+        self._emit(NoticeEvent(
+            f"rejected a message claiming to be from {self._sender_label(frame)}: {exc}",
+            error=True))
+        sender = self._state.peer_identity(frame.sender_key)
+        if sender is None:
+            return  # no session to tell them through
+        now = time.monotonic()
+        last = self._rejected_at.get(frame.sender_key)
+        if last is not None and now - last < REJECT_INTERVAL:
+            return
+        self._track(self._rejected_at, frame.sender_key, now)
+        with self._save_state():
+            self.store.receipt_due(frame.sender_key, envelope.CONTENT_REJECTED, frame.msg_id)
 
-        A message sent before this process started is not tracked: its receipt
-        counts as complete (after a restart a group mark may be early, never lost).
-        """
-        with self._lock:
-            entry = self._receipts.get(frame.msg_id)
-            if entry is None:
-                return True
-            expected, seen = entry
-            seen.add(frame.mailbox)
-            if len(seen) < expected:
-                return False
-            del self._receipts[frame.msg_id]
-            return True
+    def _on_control(self, received: e2e.Received) -> None:
+        """A RECEIPT or REJECTED from a peer about messages we sent (inside a transaction)."""
+        sender = received.sender
+        if received.content.kind == envelope.CONTENT_RECEIPT:
+            for msg_id in received.content.ids:
+                if self._count_receipt(msg_id, sender.dh):
+                    self._set_status(msg_id, STATUS_DELIVERED, write=True)
+            return
+        name, _ = self.peers.name_of(sender)
+        for msg_id in received.content.ids:
+            if sender.dh not in self._recipients_of(msg_id):
+                continue
+            entry = self.store.history_of(msg_id)
+            what = f"'{entry.record['text'][:40]}'" if entry is not None else msg_id.hex()[:8]
+            self._emit(NoticeEvent(
+                f"{name}'s device could not open your message {what}; send it again if it "
+                "matters (their client may have lost its session)", error=True))
 
-    def _on_status(self, msg_id: bytes, status: int, *, remove: bool) -> None:
+    def _recipients_of(self, msg_id: bytes) -> frozenset[bytes]:
+        known = self._recipients.get(msg_id)
+        if known is not None:
+            return known
+        entry = self.store.history_of(msg_id)
+        if entry is None or not entry.record.get("out"):
+            return frozenset()
+        return frozenset(bytes.fromhex(h) for h in entry.record.get("to", ()))
+
+    def _count_receipt(self, msg_id: bytes, peer_dh: bytes) -> bool:
+        """Count one recipient's end-to-end receipt; True once every recipient's is in."""
+        expected = self._recipients_of(msg_id)
+        if peer_dh not in expected:
+            return False  # not a message we sent to them: ignore
+        return self.store.delivered_add(msg_id, peer_dh) >= len(expected)
+
+    def _flush_receipts(self) -> None:
+        """Seal the receipts due, one per peer and kind, queue them in the outbox, send."""
+        while True:
+            with self._lock:
+                due = self.store.receipts_due(limit=envelope.MAX_CONTROL_IDS)
+                if not due:
+                    return
+                now, frames = _now_ms(), list[wire.Frame]()
+                groups: dict[tuple[bytes, int], list[bytes]] = {}
+                for item in due:
+                    groups.setdefault((item.peer, item.kind), []).append(item.msg_id)
+                sealed: list[tuple[bytes, bytes]] = []
+                for (peer_dh, kind), ids in groups.items():
+                    peer = self._state.peer_identity(peer_dh)
+                    if peer is None:
+                        continue  # the session is gone (evicted): nothing to say it through
+                    content = envelope.control(kind, os.urandom(wire.ID_SIZE), now, ids)
+                    payload = self._state.encrypt(peer, content, os.urandom, now, pin=False)
+                    frame = wire.Send(content.msg_id, wire.mailbox_address(peer_dh), payload)
+                    frames.append(frame)
+                    sealed.append((content.msg_id, wire.encode(frame)))
+                with self._save_state():
+                    for msg_id, encoded in sealed:
+                        self.store.outbox_add(msg_id, encoded, control=True)
+                    self.store.receipts_done(item.seq for item in due)
+                self._send_now(frames)
+
+    def _on_accepted(self, msg_id: bytes) -> None:
         with self._lock, self.store.transaction():
-            if remove:
-                self.store.outbox_remove(msg_id)
-            self.store.history_set_status(msg_id, status)
-            # A group's Accepted(1) can follow a member's Delivered receipt: the mark a
-            # user sees only ever moves forward.
-            shown = max(self._statuses.pop(msg_id, STATUS_PENDING), status)
-            self._statuses[msg_id] = shown
-            while len(self._statuses) > MAX_TRACKED_STATUSES:
-                del self._statuses[next(iter(self._statuses))]
-        if shown == status:
-            self._emit(StatusEvent(msg_id, status))
+            self.store.outbox_remove(msg_id)
+            self._set_status(msg_id, STATUS_ACCEPTED, write=True)
 
-    def _replenish(self, link: RelayLink, remaining: int) -> None:
-        now = int(time.time() * 1000)
+    def _set_status(self, msg_id: bytes, status: int, *, write: bool) -> None:
+        """Raise a sent message's mark (never lower it) and tell the UI when it moved."""
+        if write:
+            self.store.history_set_status(msg_id, status)
+        shown = self._statuses.get(msg_id, STATUS_PENDING)
+        if status <= shown:
+            return
+        self._track(self._statuses, msg_id, status)
+        self._emit(StatusEvent(msg_id, status))
+
+    def _publish_prekeys(self, link: RelayLink, remaining: int | None) -> None:
+        """Publish once per connection, then only when something changed.
+
+        The relay answers every publish with a ``PrekeyCount``; answering every
+        count with a publish made an idle client loop forever (issue 11.10).
+        ``remaining`` None: a periodic check for the weekly signed-prekey rotation.
+        """
+        now = _now_ms()
         with self._lock:
-            wanted = PREKEY_TARGET - remaining if remaining < PREKEY_LOW_WATER else 0
-            wanted = min(wanted, wire.MAX_PUBLISH_OTKS)
-            signed, fresh = self._state.make_prekeys(os.urandom, now, one_time=wanted)
-            with self._save_state():
-                pass
+            low = remaining is not None and remaining < PREKEY_LOW_WATER
+            if self._published and not low and not self._state.rotation_due(now):
+                return
+            wanted = PREKEY_TARGET - remaining if low and remaining is not None else 0
+            signed, fresh = self._state.make_prekeys(
+                os.urandom, now, one_time=min(wanted, wire.MAX_PUBLISH_OTKS)
+            )
+            self._save_if_changed()
+            self._published = True
         link.send([wire.PublishPrekeys(signed, fresh)])
 
     def _on_prekeys(self, frame: wire.Prekeys) -> None:
@@ -637,10 +750,8 @@ class Messenger:
                 self._emit(PresenceEvent(peer.name, frame.online))
 
     def _sender_label(self, frame: wire.Deliver) -> str:
-        for peer in self.peers.identities():
-            if peer.dh == frame.sender_key:
-                return peer.name
-        return "unknown key " + frame.sender_key.hex()[:16]
+        known = self.peers.trusted_identity(frame.sender_key)
+        return known.name if known is not None else "unknown key " + frame.sender_key.hex()[:16]
 
     # --- local queries ---------------------------------------------------------------------------
 
@@ -650,5 +761,4 @@ class Messenger:
                 {**e.record, "status": e.status, "msg_id": e.msg_id.hex()}
                 for e in self.store.history(conv, limit)
             ]
-
 

@@ -240,6 +240,11 @@ class E2EState:
         record = self._peers.get(peer.dh)
         return record is not None and record.identity.same_keys(peer) and bool(record.sessions)
 
+    def peer_identity(self, identity_dh: bytes) -> PublicIdentity | None:
+        """The identity we hold a session with under this X25519 key, if any."""
+        record = self._peers.get(identity_dh)
+        return record.identity if record is not None and record.sessions else None
+
     def pin(self, peer: PublicIdentity) -> None:
         """Never evict ``peer`` (the user trusts it); creates its record if needed."""
         record = self._user_peer(peer)
@@ -247,13 +252,13 @@ class E2EState:
             self._dirty_peers.add(peer.dh)
             record.pinned = True
 
-    def _user_peer(self, peer: PublicIdentity) -> Peer:
+    def _user_peer(self, peer: PublicIdentity, *, pin: bool = True) -> Peer:
         """The record of a peer the user chose, replacing one made with other keys."""
         record = self._peers.get(peer.dh)
         if record is not None and record.identity is peer:
             return record
         if record is None or not record.identity.same_keys(peer):
-            record = self._add(Peer(peer, pinned=True))
+            record = self._add(Peer(peer, pinned=pin))
         elif peer.name and peer.name != record.identity.name:
             self._dirty_peers.add(peer.dh)
             record.identity = peer
@@ -286,15 +291,21 @@ class E2EState:
         rng: Rng,
         now_ms: int,
         bundle: Bundle | None = None,
+        *,
+        pin: bool = True,
     ) -> bytes:
-        """Seal ``content`` for ``peer``, starting a session (X3DH) if there is none."""
+        """Seal ``content`` for ``peer``, starting a session (X3DH) if there is none.
+
+        ``pin``: the user wrote to this peer, so it is never evicted. A receipt
+        to an unknown sender passes False: answering it must not keep it forever.
+        """
         group = content.group
         if group is not None and not {peer.dh, self.identity.public.dh} <= set(group.members):
             raise SessionError("a group message must list both the sender and the recipient")
         plaintext = envelope.encode_content(content)
-        record = self._user_peer(peer)
+        record = self._user_peer(peer, pin=pin)
         self._dirty_peers.add(peer.dh)
-        record.pinned = True
+        record.pinned |= pin
         self._touch(peer.dh)
         if not record.sessions:
             header, agreement = x3dh.initiate(self.identity, peer, bundle, rng)
@@ -477,6 +488,9 @@ class E2EState:
     # Two forms share one set of field encoders (persist.py): a full snapshot
     # (``serialize``: vectors, fuzzing) and rows, one core row plus one row per
     # peer, so that a message rewrites only the state of the peer it concerns.
+
+    def has_changes(self) -> bool:
+        return self._core_dirty or bool(self._dirty_peers) or bool(self._deleted_peers)
 
     def take_changes(self) -> StateChanges:
         """Rows changed since the last call; write them all in one transaction.

@@ -54,6 +54,12 @@ class FakeRelay:
     def __init__(self, seed: int, attack_rate: float = 0.5, port: int = 0) -> None:
         self.rnd = random.Random(seed)
         self.attack_rate = attack_rate
+        # Lies a malicious relay can tell (issue 11 items 11 and 12), off by default:
+        self.claim_delivered = False  # answer Accepted(2) for every Send and drop it
+        self.withhold_bundles: set[bytes] = set()  # identity keys answered "no bundle"
+        self.corrupt_next: set[bytes] = set()  # senders whose next frame arrives broken, alone
+        self.attack_only: bytes | None = None  # if set, frames of other senders pass untouched
+        self.received: dict[str, int] = {}  # frames received, by type name (idle checks)
         self.private = os.urandom(32)
         self.public = dh.public_key(self.private)
         self.tally = Tally()
@@ -137,7 +143,12 @@ class FakeRelay:
         c.send([wire.PrekeyCount(count), *backlog, wire.Synced()])
 
     def _on_frame(self, c: _Conn, frame: wire.Frame) -> None:
-        if isinstance(frame, wire.Send):
+        name = type(frame).__name__
+        with self._lock:
+            self.received[name] = self.received.get(name, 0) + 1
+        if isinstance(frame, wire.Send) and self.claim_delivered:
+            c.send([wire.Accepted(frame.msg_id, wire.STATUS_DELIVERED)])  # and drop it
+        elif isinstance(frame, wire.Send):
             self._route(c.key, frame.msg_id, frame.mailbox, frame.payload)
             c.send([wire.Accepted(frame.msg_id, wire.STATUS_STORED)])
         elif isinstance(frame, wire.SendMulti):
@@ -155,11 +166,15 @@ class FakeRelay:
                 if frame.signed_prekey:
                     self._signed[c.key] = frame.signed_prekey
                 self._otks.setdefault(c.key, []).extend(frame.one_time_prekeys)
+                count = len(self._otks[c.key])
+            c.send([wire.PrekeyCount(count)])  # as the real relay answers every publish
         elif isinstance(frame, wire.FetchPrekeys):
             with self._lock:
                 otks = self._otks.get(frame.identity_key, [])
                 otk = otks.pop(0) if otks else None
                 signed = self._signed.get(frame.identity_key, b"")
+                if frame.identity_key in self.withhold_bundles:
+                    signed, otk = b"", None
             c.send([wire.Prekeys(frame.identity_key, signed, otk)])
         elif isinstance(frame, wire.Ping):
             c.send([wire.Pong(frame.nonce)])
@@ -179,7 +194,14 @@ class FakeRelay:
     def _route(self, sender: bytes, msg_id: bytes, box: bytes, payload: bytes) -> None:
         honest = wire.Deliver(msg_id, sender, int(time.time() * 1000), payload)
         with self._lock:
-            kind = "honest" if self.rnd.random() >= self.attack_rate else self.rnd.choice(
+            if sender in self.corrupt_next:
+                self.corrupt_next.discard(sender)
+                self._count("corrupt")
+                broken = wire.Deliver(msg_id, sender, honest.timestamp_ms, payload[:-1])
+                self._push(box, [broken])
+                return
+            spared = self.attack_only is not None and sender != self.attack_only
+            kind = "honest" if spared or self.rnd.random() >= self.attack_rate else self.rnd.choice(
                 ATTACKS[1:])
             out = self._attack(kind, honest, box)
             self._history.setdefault(box, []).append(honest)
