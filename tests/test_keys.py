@@ -42,6 +42,9 @@ def test_vectors_recompute_exactly() -> None:
         )
         encrypted = keys.encode_private_key(ident, rec["passphrase"].encode(), params)
         assert encrypted == rec["private_file_encrypted"]
+        file_key = keys._derive_file_key(rec["passphrase"].encode(), params)
+        assert file_key.hex() == kdf["file_key"]
+        assert kdf["argon2"]["memory_kib"] * 1024 == kdf["memlimit"]
         parsed = keys.parse_private_key(rec["private_file_encrypted"])
         assert keys.decrypt_private_key(parsed, rec["passphrase"].encode()) == ident
     sn = doc["safety_number"]
@@ -75,6 +78,33 @@ def test_single_typo_in_public_line_is_caught(position: int, char: str) -> None:
 def test_malformed_public_lines_rejected(text: str) -> None:
     with pytest.raises(CorruptKeyError):
         keys.PublicIdentity.from_line(text)
+
+
+def test_a_public_line_has_one_canonical_form() -> None:
+    line = _ident("carol").public.to_line()
+    token = line.split(" ")[0]
+    for ok in (line, line + "\n", line + "\r\n", token, token + "\n"):
+        keys.PublicIdentity.from_line(ok)
+    bad = [
+        token + "  carol",  # two spaces
+        token + " carol ",  # trailing space
+        token + " ",  # a separator and no name
+        token + " carol smith",  # a name with a space
+        token + " .hidden",  # not a valid name
+        line + "\n\n",  # a second (empty) line
+        "\n" + line,  # a leading empty line
+        " " + line,  # a leading space
+    ]
+    for text in bad:
+        with pytest.raises(CorruptKeyError):
+            keys.PublicIdentity.from_line(text)
+
+
+def test_new_key_files_use_the_moderate_argon2id_cost() -> None:
+    params = keys.KdfParams(salt=bytes(16), nonce=bytes(24))
+    assert (params.opslimit, params.memlimit) == (3, 256 * 1024 * 1024)
+    assert keys.MIN_OPSLIMIT <= params.opslimit <= keys.MAX_OPSLIMIT
+    assert keys.MIN_MEMLIMIT <= params.memlimit <= keys.MAX_MEMLIMIT
 
 
 def test_truncated_public_line_rejected() -> None:
@@ -144,9 +174,10 @@ def test_public_file_is_not_a_private_key() -> None:
 
 def test_hostile_kdf_parameters_refused() -> None:
     enc = keys.encode_private_key(_ident(), b"pw", FAST)
-    huge = enc.replace("opslimit=1 memlimit=8388608", "opslimit=1 memlimit=99999999999")
-    with pytest.raises(CorruptKeyError, match="out of range"):
-        keys.parse_private_key(huge)
+    for ops, mem in ((1, 99999999999), (17, 8388608), (0, 8388608), (1, 8191)):
+        hostile = enc.replace("opslimit=1 memlimit=8388608", f"opslimit={ops} memlimit={mem}")
+        with pytest.raises(CorruptKeyError, match="out of range"):
+            keys.parse_private_key(hostile)
 
 
 def test_signatures_verify_and_forgeries_raise() -> None:
