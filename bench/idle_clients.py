@@ -9,7 +9,8 @@ subprocess on loopback, not the benchmark's lightweight clients.
 
 ``--repo`` runs another checkout's code (``PYTHONPATH``, and every process
 starts outside any checkout, since ``python -m`` puts the working directory
-first on the path), so a before/after pair is two runs of this script. Prints one JSON object on stdout.
+first on the path), so a before/after pair is two runs of this script.
+Prints one JSON object on stdout.
 """
 
 from __future__ import annotations
