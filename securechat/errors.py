@@ -136,6 +136,10 @@ class RelayUnreachableError(TransportError):
     """The relay cannot be reached at the given address."""
 
 
+class NotARelayError(RelayUnreachableError):
+    """Something answers at the address, but not the securechat handshake (e.g. HTTP)."""
+
+
 class ConnectionClosedError(TransportError):
     """The peer closed the connection."""
 
