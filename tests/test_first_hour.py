@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from relay_fixture import Relay, cli_cmd, env_for, keygen, run
+from relay_fixture import Relay, cli_cmd, env_for, run
 
 from securechat.client import app, link
 from securechat.encoding import fingerprint
@@ -258,7 +258,9 @@ def test_addresses_and_default_port() -> None:
 # --- 12.5 --peer from any folder ---------------------------------------------------------------
 
 
-def test_peer_by_name_or_file_name_from_any_folder(home: Path, relay: Relay, tmp_path: Path) -> None:
+def test_peer_by_name_or_file_name_from_any_folder(
+    home: Path, relay: Relay, tmp_path: Path
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "bob").mkdir(parents=True)  # a directory named like the peer
 

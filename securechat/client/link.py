@@ -30,7 +30,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from securechat import encoding, noise, wire
 from securechat.errors import (
@@ -40,9 +40,12 @@ from securechat.errors import (
     ProtocolError,
     RelayKeyChangedError,
     RelayUnreachableError,
+    SecureChatError,
     StorageError,
     UsageError,
 )
+
+E = TypeVar("E", bound=SecureChatError)
 
 RELAY_PREFIX: Final = "screlay1"
 KNOWN_RELAYS: Final = "known_relays"
@@ -309,27 +312,34 @@ class RelayLink:
 # --- connecting, and saying why it failed ----------------------------------------------------
 
 
+def _failure(cls: type[E], message: str, brief: str) -> E:
+    error = cls(message)
+    error.brief = brief
+    return error
+
+
 def _open_socket(address: str, host: str, port: int, timeout: float) -> socket.socket:
     """TCP connect; each failure becomes a RelayUnreachableError that names its cause."""
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError as exc:
-        raise RelayUnreachableError(
+        raise _failure(RelayUnreachableError,
             f"the relay at {address} refused the connection: nothing listens on port {port} "
-            "there (is the relay running, and is the port right?)"
+            "there (is the relay running, and is the port right?)", "connection refused",
         ) from exc
     except socket.gaierror as exc:
-        raise RelayUnreachableError(
-            f"cannot find the relay's host {host!r}: {exc.strerror or exc}"
+        raise _failure(RelayUnreachableError,
+            f"cannot find the relay's host {host!r}: {exc.strerror or exc}", "unknown host",
         ) from exc
     except TimeoutError as exc:
-        raise RelayUnreachableError(
+        raise _failure(RelayUnreachableError,
             f"no answer from {address} within {timeout:g}s (is the host up? a firewall may "
-            "drop the connection)"
+            "drop the connection)", "no answer",
         ) from exc
     except OSError as exc:
-        raise RelayUnreachableError(
-            f"cannot reach the relay at {address}: {exc.strerror or exc}"
+        raise _failure(RelayUnreachableError,
+            f"cannot reach the relay at {address}: {exc.strerror or exc}",
+            (exc.strerror or "unreachable").lower(),
         ) from exc
 
 
@@ -343,25 +353,28 @@ def _handshake(
         while not conn.complete:
             data = sock.recv(READ_SIZE)
             if not data:
-                raise RelayUnreachableError(
+                raise _failure(RelayUnreachableError,
                     f"{address} closed the connection during the handshake (not a securechat "
-                    "relay, or a relay at its connection limit)"
+                    "relay, or a relay at its connection limit)", "closed during the handshake",
                 )
             first = first or data[:_PREVIEW]
             try:
                 _events, _plain, reply = conn.receive_data(data)
             except ProtocolError as exc:  # a changed key (TrustError) propagates as it is
-                raise NotARelayError(_not_a_relay(address, first)) from exc
+                raise _failure(NotARelayError, _not_a_relay(address, first),
+                               "not a securechat relay") from exc
             if reply:
                 sock.sendall(reply)
     except TimeoutError as exc:
-        raise NotARelayError(
+        raise _failure(NotARelayError,
             f"{address} accepted the connection but gave no securechat handshake answer "
-            f"within {timeout:g}s: is a securechat relay listening there (or is it overloaded)?"
+            f"within {timeout:g}s: is a securechat relay listening there (or is it overloaded)?",
+            "no securechat handshake answer",
         ) from exc
     except OSError as exc:
-        raise RelayUnreachableError(
-            f"the connection to {address} failed during the handshake: {exc.strerror or exc}"
+        raise _failure(RelayUnreachableError,
+            f"the connection to {address} failed during the handshake: {exc.strerror or exc}",
+            "failed during the handshake",
         ) from exc
 
 
@@ -380,12 +393,13 @@ def _key_mismatch(
     where = canonical_address(address)
     got, want = encoding.fingerprint(remote), encoding.fingerprint(expected)
     if explicit is not None:
-        return RelayKeyChangedError(
+        return _failure(RelayKeyChangedError,
             f"the relay at {where} presented key {got}, not {want} from --relay-key: this may "
-            "be an attack (or the wrong relay.pub)"
+            "be an attack (or the wrong relay.pub)", "WRONG RELAY KEY",
         )
-    return RelayKeyChangedError(
+    return _failure(RelayKeyChangedError,
         f"the relay at {where} presented key {got} but {want} is pinned (in {known.path}); "
         "this may be an attack. If the relay's key really changed, get its new relay.pub from "
-        f"the operator and run: securechat trust --relay {where} --relay-key relay.pub"
+        f"the operator and run: securechat trust --relay {where} --relay-key relay.pub",
+        "RELAY KEY CHANGED",
     )

@@ -101,7 +101,9 @@ class ChatScreen:
         self._reasons: set[str] = set()  # connection failures already told in full
         self.input = TextArea(
             prompt=[("class:prompt", "> ")], multiline=True, wrap_lines=True,
-            height=Dimension(min=1, max=MAX_INPUT_ROWS), accept_handler=self._accept,
+            height=Dimension(min=1, max=MAX_INPUT_ROWS), dont_extend_height=True,
+            get_line_prefix=lambda line, wrap: "  " if line or wrap else "",
+            accept_handler=self._accept,
         )
         self.application: Application[int] = Application(
             layout=self._layout(), key_bindings=self._bindings(), style=STYLE,
@@ -199,11 +201,14 @@ class ChatScreen:
             self._add(Line("error", f"cannot connect: {fmt.safe(failure)}"))
 
     def _failure(self) -> str | None:
+        error = self._failure_error()
+        return None if error is None else str(error)
+
+    def _failure_error(self) -> SecureChatError | None:
         messenger = self._messenger
         if messenger is None:
             return None
-        failure = messenger.fatal or messenger.last_connect_error
-        return None if failure is None else str(failure)
+        return messenger.fatal or messenger.last_connect_error
 
     def _on_message(self, event: MessageEvent) -> None:
         label = fmt.sender_label(event.sender_name, event.sender_fingerprint, event.verified)
@@ -390,11 +395,11 @@ class ChatScreen:
                 ("class:status", fit(self._offline_reason(), room)), *tail]
 
     def _offline_reason(self) -> str:
-        """Why we are offline, short: the cause before its explanation, and what happens."""
-        failure = self._failure()
-        if failure is None:
+        """Why we are offline in a few words, and whether it retries (the notice has it all)."""
+        error = self._failure_error()
+        if error is None:
             return fmt.safe(self._conn_detail)
-        short = failure.split(": ", 1)[0].split(" (", 1)[0]
+        short = error.brief or str(error).split(": ", 1)[0].split(" (", 1)[0]
         retrying = self._messenger is not None and self._messenger.fatal is None
         return fmt.safe(short) + (", retrying" if retrying else ", not retrying")
 
@@ -445,8 +450,9 @@ def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIden
     for text in screen.transcript(rows_left):
         print(text)
     if pending:
-        print(f"{pending} message{'s' if pending != 1 else ''} not yet accepted by the relay "
-              "stay in the outbox; they will be sent the next time you run talk or send")
+        what = "1 message" if pending == 1 else f"{pending} messages"
+        print(f"{what} not yet accepted by the relay: queued in the outbox, the next talk, send "
+              "or receive sends them (do not send them again)")
     return code
 
 
