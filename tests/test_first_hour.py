@@ -500,17 +500,6 @@ def test_readme_commands_use_the_venv_python() -> None:
     assert "--host 0.0.0.0" in readme
 
 
-def test_public_vectors_ship_with_the_project() -> None:
-    """A fresh clone checks the public vectors too (subsets in tests/vectors/public)."""
-    public = Path(__file__).resolve().parent / "vectors" / "public"
-    for name in ("x25519_test.json", "chacha20_poly1305_test.json", "cacophony.json",
-                 "snow.json", "README.md", "LICENSE-Apache-2.0.txt"):
-        assert (public / name).stat().st_size > 0, name
-    readme = (public / "README.md").read_text()
-    for word in ("Apache-2.0", "Unlicense", "sha256", "wycheproof", "cacophony", "snow"):
-        assert word in readme, word
-
-
 @pytest.fixture(autouse=True)
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
