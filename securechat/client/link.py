@@ -214,7 +214,10 @@ class KnownRelays:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
+            # 0600 like every client file: which relays you use is nobody else's business.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
             os.replace(tmp, self.path)
         except OSError as exc:
             raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc

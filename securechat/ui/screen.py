@@ -334,7 +334,7 @@ class ChatScreen:
             self._add(Line("error", "usage: /trust NAME (the peer whose new key you verified)"))
             return
         try:
-            peer = keystore.load_public(name)
+            peer = keystore.load_public(name, peer=True)
             replaced = messenger.peers.trust(peer)
         except SecureChatError as exc:
             self._add(Line("error", fmt.safe(str(exc))))

@@ -79,6 +79,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     with open_client(args.key, args.relay, args.relay_key, printer, receive=False) as client:
         conv = client.conversation(peers)
         messenger = client.messenger
+        for peer in peers:  # a changed key is refused before anything else (trust on first use)
+            messenger.peers.check(peer)
         app.wait_for_relay(messenger, what=NOTHING_SENT + _earlier(messenger))
         for text in texts:
             messenger.send_text(conv, text)
