@@ -315,7 +315,8 @@ class RelayLink:
 # --- connecting, and saying why it failed ----------------------------------------------------
 
 
-def _failure(cls: type[E], message: str, brief: str) -> E:
+def _failure(cls: type[E], message: str, *, brief: str) -> E:
+    """``cls(message)`` with its few-word form for a status line."""
     error = cls(message)
     error.brief = brief
     return error
@@ -326,24 +327,20 @@ def _open_socket(address: str, host: str, port: int, timeout: float) -> socket.s
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError as exc:
-        raise _failure(RelayUnreachableError,
-            f"the relay at {address} refused the connection: nothing listens on port {port} "
-            "there (is the relay running, and is the port right?)", "connection refused",
-        ) from exc
+        message = (f"the relay at {address} refused the connection: nothing listens on port "
+                   f"{port} there (is the relay running, and is the port right?)")
+        raise _failure(RelayUnreachableError, message, brief="connection refused") from exc
     except socket.gaierror as exc:
-        raise _failure(RelayUnreachableError,
-            f"cannot find the relay's host {host!r}: {exc.strerror or exc}", "unknown host",
-        ) from exc
+        message = f"cannot find the relay's host {host!r}: {exc.strerror or exc}"
+        raise _failure(RelayUnreachableError, message, brief="unknown host") from exc
     except TimeoutError as exc:
-        raise _failure(RelayUnreachableError,
-            f"no answer from {address} within {timeout:g}s (is the host up? a firewall may "
-            "drop the connection)", "no answer",
-        ) from exc
+        message = (f"no answer from {address} within {timeout:g}s (is the host up? a firewall "
+                   "may drop the connection)")
+        raise _failure(RelayUnreachableError, message, brief="no answer") from exc
     except OSError as exc:
-        raise _failure(RelayUnreachableError,
-            f"cannot reach the relay at {address}: {exc.strerror or exc}",
-            (exc.strerror or "unreachable").lower(),
-        ) from exc
+        message = f"cannot reach the relay at {address}: {exc.strerror or exc}"
+        brief = (exc.strerror or "unreachable").lower()
+        raise _failure(RelayUnreachableError, message, brief=brief) from exc
 
 
 def _handshake(
@@ -356,29 +353,25 @@ def _handshake(
         while not conn.complete:
             data = sock.recv(READ_SIZE)
             if not data:
-                raise _failure(RelayUnreachableError,
-                    f"{address} closed the connection during the handshake (not a securechat "
-                    "relay, or a relay at its connection limit)", "closed during the handshake",
-                )
+                message = (f"{address} closed the connection during the handshake (not a "
+                           "securechat relay, or a relay at its connection limit)")
+                raise _failure(RelayUnreachableError, message, brief="closed in the handshake")
             first = first or data[:_PREVIEW]
             try:
                 _events, _plain, reply = conn.receive_data(data)
             except ProtocolError as exc:  # a changed key (TrustError) propagates as it is
-                raise _failure(NotARelayError, _not_a_relay(address, first),
-                               "not a securechat relay") from exc
+                message = _not_a_relay(address, first)
+                raise _failure(NotARelayError, message, brief="not a securechat relay") from exc
             if reply:
                 sock.sendall(reply)
     except TimeoutError as exc:
-        raise _failure(NotARelayError,
-            f"{address} accepted the connection but gave no securechat handshake answer "
-            f"within {timeout:g}s: is a securechat relay listening there (or is it overloaded)?",
-            "no securechat handshake answer",
-        ) from exc
+        message = (f"{address} accepted the connection but gave no securechat handshake answer "
+                   f"within {timeout:g}s: is a securechat relay listening there (or is it "
+                   "overloaded)?")
+        raise _failure(NotARelayError, message, brief="no securechat handshake answer") from exc
     except OSError as exc:
-        raise _failure(RelayUnreachableError,
-            f"the connection to {address} failed during the handshake: {exc.strerror or exc}",
-            "failed during the handshake",
-        ) from exc
+        message = f"the connection to {address} failed during the handshake: {exc.strerror or exc}"
+        raise _failure(RelayUnreachableError, message, brief="failed in the handshake") from exc
 
 
 def _not_a_relay(address: str, first: bytes) -> str:
@@ -396,13 +389,11 @@ def _key_mismatch(
     where = canonical_address(address)
     got, want = encoding.fingerprint(remote), encoding.fingerprint(expected)
     if explicit is not None:
-        return _failure(RelayKeyChangedError,
-            f"the relay at {where} presented key {got}, not {want} from --relay-key: this may "
-            "be an attack (or the wrong relay.pub)", "WRONG RELAY KEY",
-        )
-    return _failure(RelayKeyChangedError,
-        f"the relay at {where} presented key {got} but {want} is pinned (in {known.path}); "
-        "this may be an attack. If the relay's key really changed, get its new relay.pub from "
-        f"the operator and run: securechat trust --relay {where} --relay-key relay.pub",
-        "RELAY KEY CHANGED",
-    )
+        message = (f"the relay at {where} presented key {got}, not {want} from --relay-key: "
+                   "this may be an attack (or the wrong relay.pub)")
+        return _failure(RelayKeyChangedError, message, brief="WRONG RELAY KEY")
+    message = (f"the relay at {where} presented key {got} but {want} is pinned (in "
+               f"{known.path}); this may be an attack. If the relay's key really changed, get "
+               "its new relay.pub from the operator and run: securechat trust --relay "
+               f"{where} --relay-key relay.pub")
+    return _failure(RelayKeyChangedError, message, brief="RELAY KEY CHANGED")
