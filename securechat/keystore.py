@@ -2,15 +2,15 @@
 
 Everything a client writes lives under one directory, ``$SECURECHAT_HOME``
 or ``./keys``: identities (``NAME.key``/``NAME.pub``), peers' public keys, and
-each identity's client state (``NAME.state.db``).
+each identity's client state (``NAME.state.db``). Private files are created
+with ``O_EXCL`` and mode 0600 from the first byte (no window in which they are
+readable), and a private file that group or others can read is refused, as
+OpenSSH refuses ``id_ed25519`` with mode 0644.
 
 How a key argument is found (``--key``, ``--peer``, ``fingerprint``): anything
 with a slash is a path, taken as given; a bare name (``bob``) or file name
 (``bob.pub``) is looked up in the key directory only, so the folder a command
 runs in (with, say, a directory called ``bob``) cannot change what it means.
-Private files are created with ``O_EXCL`` and mode 0600 from the first byte
-(no window in which they are readable), and a private file that group or
-others can read is refused, as OpenSSH refuses ``id_ed25519`` with mode 0644.
 """
 
 from __future__ import annotations

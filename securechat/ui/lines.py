@@ -84,6 +84,16 @@ def plain(line: Line) -> str:
     return "".join(text for _style, text, *_ in render(line))
 
 
+def transcript(lines: list[Line], max_rows: int) -> list[str]:
+    """The last ``max_rows`` rows of ``lines`` as plain text (left on the terminal at exit)."""
+    out: list[str] = []
+    for line in reversed(lines):
+        out[:0] = plain(line).split("\n")
+        if len(out) >= max_rows:
+            break
+    return out[-max_rows:] if max_rows > 0 else []
+
+
 def history_line(record: dict[str, object], by_id: dict[bytes, Line]) -> Line:
     """A line for a stored history record; our own ones keep tracking their status."""
     sent_ms = int(str(record.get("sent_ms", 0)))

@@ -39,7 +39,6 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.layout import HSplit, Layout, Window
 from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.layout.dimension import Dimension
-from prompt_toolkit.utils import get_cwidth
 from prompt_toolkit.widgets import TextArea
 
 from securechat import envelope, keys, keystore
@@ -57,14 +56,21 @@ from securechat.client.messenger import (
 )
 from securechat.errors import SecureChatError
 from securechat.ui import format as fmt
-from securechat.ui.lines import STYLE, Line, history_line, message_text, plain, render, rows
+from securechat.ui import status as status_line
+from securechat.ui.lines import (
+    STYLE,
+    Line,
+    history_line,
+    message_text,
+    render,
+    rows,
+    transcript,
+)
 from securechat.ui.talk import check_peers
 
 MAX_LINES: Final = 2000  # message-area lines kept in memory; older ones scroll away
 MAX_EARLY_STATUS: Final = 1000  # acknowledgements that overtook send_text's return
 MAX_INPUT_ROWS: Final = 6  # the input grows to this many rows for a multi-line text
-STATUS_RESERVE: Final = 2  # columns the status line keeps free at its right edge
-ELLIPSIS: Final = "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,12 +366,7 @@ class ChatScreen:
 
     def transcript(self, max_rows: int) -> list[str]:
         """The last ``max_rows`` rows of the conversation as plain text."""
-        out: list[str] = []
-        for line in reversed(self._lines):
-            out[:0] = plain(line).split("\n")
-            if len(out) >= max_rows:
-                break
-        return out[-max_rows:] if max_rows > 0 else []
+        return transcript(self._lines, max_rows)
 
     def _message_fragments(self) -> StyleAndTextTuples:
         out: StyleAndTextTuples = []
@@ -377,31 +378,15 @@ class ChatScreen:
         return out
 
     def _status_fragments(self) -> StyleAndTextTuples:
-        names = [p.name for p in self._peers]
-        tail: StyleAndTextTuples = [
-            ("class:status", f" │ with {fmt.members_text(names, self._online)}"),
-            ("class:status", f" │ {self._pending} pending"),
-        ]
-        if self._blocked:
-            tail.append(("class:status.offline", " KEY CHANGED: not sending "))
-        tail.append(("class:status", " │ /help"))
-        if self._connected:
-            return [("class:status.online", " ● connected "), ("class:status", self._relay),
-                    *tail]
-        label = " ○ offline "
-        room = (self._columns() - STATUS_RESERVE - get_cwidth(label)
-                - sum(get_cwidth(text) for _style, text, *_ in tail))
-        return [("class:status.offline", label),
-                ("class:status", fit(self._offline_reason(), room)), *tail]
-
-    def _offline_reason(self) -> str:
-        """Why we are offline in a few words, and whether it retries (the notice has it all)."""
-        error = self._failure_error()
-        if error is None:
-            return fmt.safe(self._conn_detail)
-        short = error.brief or str(error).split(": ", 1)[0].split(" (", 1)[0]
-        retrying = self._messenger is not None and self._messenger.fatal is None
-        return fmt.safe(short) + (", retrying" if retrying else ", not retrying")
+        messenger = self._messenger
+        state = status_line.Status(
+            connected=self._connected, relay=self._relay, detail=self._conn_detail,
+            failure=self._failure_error(),
+            retrying=messenger is None or messenger.fatal is None,
+            members=fmt.members_text([p.name for p in self._peers], self._online),
+            pending=self._pending, blocked=bool(self._blocked),
+        )
+        return status_line.fragments(state, self._columns())
 
     def _columns(self) -> int:
         try:
@@ -456,17 +441,3 @@ def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIden
     return code
 
 
-
-def fit(text: str, width: int) -> str:
-    """``text`` cut to ``width`` terminal columns, at a word if it can, with an ellipsis."""
-    if get_cwidth(text) <= width:
-        return text
-    if width <= 1:
-        return ELLIPSIS if width == 1 else ""
-    out = ""
-    for ch in text:
-        if get_cwidth(out + ch) > width - 1:
-            break
-        out += ch
-    cut = out.rsplit(" ", 1)[0] if " " in out[width // 2 :] else out
-    return cut.rstrip(" ,;:") + ELLIPSIS
