@@ -18,7 +18,7 @@ from typing import Final
 from securechat import envelope, keystore
 from securechat.client import app
 from securechat.client.app import default_relay, load_peers, open_client, open_store
-from securechat.client.link import canonical_address, read_relay_key_file
+from securechat.client.link import DEFAULT_PORT, canonical_address, read_relay_key_file
 from securechat.client.messenger import (
     Event,
     KnownPeers,
@@ -59,8 +59,9 @@ def add_client_arguments(p: argparse.ArgumentParser, *, peers: bool) -> None:
         p.add_argument("--peer", action="append", required=True, metavar="NAME|FILE",
                        help="recipient (repeat for a group)")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
-    p.add_argument("--relay", metavar="HOST:PORT",
-                   help=f"relay address (default: $SECURECHAT_RELAY or {default_relay()})")
+    p.add_argument("--relay", metavar="HOST[:PORT]",
+                   help=f"relay address, port {DEFAULT_PORT} if none (default: "
+                   f"$SECURECHAT_RELAY or {default_relay()})")
     p.add_argument("--relay-key", metavar="FILE",
                    help="the relay's relay.pub: pins its key in known_relays (replacing an "
                    "older pin once the relay proves it holds this key)")
@@ -249,6 +250,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "shown).")
     p.add_argument("peer", metavar="NAME|FILE", nargs="?", help="the peer whose key to trust")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
-    p.add_argument("--relay", metavar="HOST:PORT", help="the relay whose key to pin")
+    p.add_argument("--relay", metavar="HOST[:PORT]", help="the relay whose key to pin")
     p.add_argument("--relay-key", metavar="FILE", help="the relay's relay.pub")
     p.set_defaults(handler=cmd_trust)

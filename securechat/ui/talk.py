@@ -26,6 +26,7 @@ from typing import Final, TextIO
 
 from securechat import envelope, keys
 from securechat.client import app
+from securechat.client.link import DEFAULT_PORT
 from securechat.client.messenger import (
     ConnectionEvent,
     Conversation,
@@ -56,10 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
     parser.add_argument(
-        "--relay", metavar="HOST:PORT",
-        help=f"relay address (default: ${app.ENV_RELAY} or {app.DEFAULT_RELAY})",
+        "--relay", metavar="HOST[:PORT]",
+        help=f"relay address, port {DEFAULT_PORT} if none (default: ${app.ENV_RELAY} or "
+        f"{app.DEFAULT_RELAY})",
     )
-    parser.add_argument("--relay-key", metavar="FILE", help="pin the relay's public key file")
+    parser.add_argument(
+        "--relay-key", metavar="FILE",
+        help="the relay's relay.pub: pins its key in known_relays (replacing an older pin "
+        "once the relay proves it holds this key)",
+    )
     parser.add_argument(
         "--json", action="store_true",
         help="print received messages as JSON lines (pipe mode, even on a terminal)",
