@@ -6,14 +6,22 @@ Every command function returns an exit code or raises a
 traceback is printed only for a real bug (an exception outside our tree).
 Heavy modules (the relay, the chat UI) are imported only by the commands that
 need them, so ``securechat keygen`` starts fast.
+
+Exit codes (one table, documented in docs/operations.md): 0 success, 1 an
+unexpected failure (also: our output was closed), 2 usage, 3 key file, 4 trust,
+5 protocol, 6 authentication, 7 transport (relay refused, unreachable, not a
+relay), 8 relay refusal, 9 storage, 10 timeout, 11 internal error, 130
+interrupted. Each class of :mod:`securechat.errors` carries its code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Final
 
 from securechat import __version__, keys, keystore
@@ -21,6 +29,7 @@ from securechat.errors import KeyExistsError, SecureChatError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_INTERRUPTED: Final = 130
+EXIT_OTHER: Final = 1  # our output was closed (e.g. piped into `head`)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,30 +48,43 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     directory = keystore.ensure_home()
     private_path = directory / f"{name}{keystore.PRIVATE_SUFFIX}"
     public_path = directory / f"{name}{keystore.PUBLIC_SUFFIX}"
+    replacing = private_path.exists()
     for path in (private_path, public_path):
         if path.exists() and not args.force:
             raise KeyExistsError(f"{path} already exists; use --force to overwrite it")
-    if args.no_passphrase:
-        text = keys.encode_private_key(identity, None, None)
+    text = _private_key_text(identity, private_path, encrypt=not args.no_passphrase)
+    # The old state is sealed under the old key: the new key could never open it.
+    # Hold the identity's lock (no client may be running) while the key is replaced
+    # and the state moved aside, so nothing opens the old state with the new key.
+    has_state = (directory / f"{name}{keystore.STATE_SUFFIX}").exists()
+    with keystore.identity_lock(name) if has_state else contextlib.nullcontext():
+        keystore.write_new_file(private_path, text.encode(), mode=0o600, force=args.force)
+        line = identity.public.to_line() + "\n"
+        keystore.write_new_file(public_path, line.encode(), mode=0o644, force=args.force)
+        archived = keystore.archive_state(name) if has_state else None
+    print(f"wrote {private_path} (private, keep it secret) and {public_path} (share this)")
+    print(f"fingerprint {identity.public.fingerprint}")
+    if archived is not None:
+        print(f"moved the old identity's state (sessions, history, known peers) to {archived}; "
+              "it opens only with the old key")
+    if replacing:
+        print(f"this is a NEW key for {name}: peers will see that {name}'s key changed. Send them "
+              f"the new {public_path}; they check it (securechat safety-number) and accept it "
+              f"with 'securechat trust {name}'")
+    return 0
+
+
+def _private_key_text(identity: keys.Identity, path: Path, *, encrypt: bool) -> str:
+    if not encrypt:
         print(
-            f"securechat: warning: {private_path} is NOT encrypted; anyone who can read it "
+            f"securechat: warning: {path} is NOT encrypted; anyone who can read it "
             "can read your messages",
             file=sys.stderr,
         )
-    else:
-        passphrase = keystore.passphrase_from_env_or_tty(
-            f"Passphrase for {private_path}: ", confirm=True
-        )
-        params = keys.KdfParams(
-            salt=os.urandom(keys.SALT_SIZE), nonce=os.urandom(keys.NONCE_SIZE)
-        )
-        text = keys.encode_private_key(identity, passphrase, params)
-    keystore.write_new_file(private_path, text.encode(), mode=0o600, force=args.force)
-    line = identity.public.to_line() + "\n"
-    keystore.write_new_file(public_path, line.encode(), mode=0o644, force=args.force)
-    print(f"wrote {private_path} (private, keep it secret) and {public_path} (share this)")
-    print(f"fingerprint {identity.public.fingerprint}")
-    return 0
+        return keys.encode_private_key(identity, None, None)
+    passphrase = keystore.passphrase_from_env_or_tty(f"Passphrase for {path}: ", confirm=True)
+    params = keys.KdfParams(salt=os.urandom(keys.SALT_SIZE), nonce=os.urandom(keys.NONCE_SIZE))
+    return keys.encode_private_key(identity, passphrase, params)
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
@@ -73,7 +95,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def cmd_safety_number(args: argparse.Namespace) -> int:
     ours = _own_public(args.key)
-    peer = keystore.load_public(args.peer)
+    peer = keystore.load_public(args.peer, peer=True)
     print(f"safety number for {ours.name} and {peer.name}:")
     print(keys.safety_number(ours, peer))
     return 0
@@ -180,8 +202,19 @@ def build_parser() -> _Parser:
     return parser
 
 
+def disable_core_dumps() -> None:
+    """No core file may hold our keys: a crash must not write them to disk (soft and hard 0)."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass  # not on this platform, or already lower: nothing to give up
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code. The only place errors are printed."""
+    disable_core_dumps()
     try:
         args = build_parser().parse_args(argv)
         handler: Handler = args.handler
@@ -195,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Output piped into `head` and closed: not an error worth a traceback.
         sys.stderr.close()
-        return 1
+        return EXIT_OTHER
 
 
 def run() -> None:

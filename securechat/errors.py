@@ -13,9 +13,14 @@ from __future__ import annotations
 
 
 class SecureChatError(Exception):
-    """Base of every error securechat raises on purpose."""
+    """Base of every error securechat raises on purpose.
+
+    ``brief`` is an optional few-word form of the message for a status line
+    (``connection refused``); the message itself stays the full sentence.
+    """
 
     exit_code: int = 1
+    brief: str | None = None
 
 
 class UsageError(SecureChatError):
@@ -134,6 +139,10 @@ class TransportError(SecureChatError):
 
 class RelayUnreachableError(TransportError):
     """The relay cannot be reached at the given address."""
+
+
+class NotARelayError(RelayUnreachableError):
+    """Something answers at the address, but not the securechat handshake (e.g. HTTP)."""
 
 
 class ConnectionClosedError(TransportError):

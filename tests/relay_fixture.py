@@ -64,12 +64,13 @@ class Relay:
     proc: subprocess.Popen[str]
     address: str
     log: PipeDrain | None = None  # the relay's stderr, read continuously (see PipeDrain)
+    extra: tuple[str, ...] = ()  # more relay flags (limits), kept across restarts
 
     @classmethod
-    def start(cls, data: Path, port: int = 0) -> Relay:
+    def start(cls, data: Path, port: int = 0, extra: Sequence[str] = ()) -> Relay:
         proc = subprocess.Popen(
             [*cli_cmd(), "relay", "--host", "127.0.0.1", "--port", str(port),
-             "--data", str(data), "--log-level", "WARNING"],
+             "--data", str(data), "--log-level", "WARNING", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env_for(data.parent / "relay-home"),
         )
@@ -86,7 +87,7 @@ class Relay:
                 if "listening on " in line:
                     address = line.split("listening on ", 1)[1].split()[0]
                     assert proc.stderr is not None
-                    return cls(data, proc, address, PipeDrain(proc.stderr))
+                    return cls(data, proc, address, PipeDrain(proc.stderr), tuple(extra))
         proc.kill()
         _, err = proc.communicate(timeout=5)
         raise RuntimeError(f"relay did not start: {err}")
@@ -113,7 +114,12 @@ class Relay:
     def restart(self) -> Relay:
         """Stop and start again on the same port with the same data (and key)."""
         self.stop()
-        return Relay.start(self.data, self.port)
+        return Relay.start(self.data, self.port, self.extra)
+
+    @property
+    def public_key_file(self) -> Path:
+        """The relay's ``relay.pub`` (what an operator hands to users for --relay-key)."""
+        return self.data / "relay.pub"
 
 
 def talk(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -111,23 +112,68 @@ def test_unknown_sender_is_shown_unverified(home: Path, relay: Relay, tmp_path: 
     assert line == f"unknown [{fp}] (unverified): hi, trust me"
 
 
-def test_relay_down_keeps_outbox_and_delivers_later(home: Path, relay: Relay) -> None:
+def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay: Relay) -> None:
     ok(talk(home, "alice", ["bob"], relay, ["first, relay up"]))
     relay.stop()
-    result = talk(home, "alice", ["bob"], relay, ["sent while relay down", "and another"],
-                  extra=["--timeout", "1.5"])
-    assert result.returncode == DeliveryTimeoutError.exit_code
-    assert result.stdout == ""
+    result = talk(home, "alice", ["bob"], relay, ["sent while relay down"])
+    assert result.returncode == 7 and result.stdout == ""
     (message,) = result.stderr.strip().splitlines()
-    assert message.startswith("securechat: relay ") and "2 messages kept in the outbox" in message
+    assert "refused the connection" in message and "nothing was sent or queued" in message
+    restarted = relay.restart()
+    try:
+        assert ok(talk(home, "alice", ["bob"], restarted)) == []
+        assert ok(talk(home, "bob", ["alice"], restarted)) == ["alice: first, relay up"]
+    finally:
+        restarted.stop()
+
+
+def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay: Relay) -> None:
+    """Connected, then the relay goes: later lines are queued, said so, and sent once."""
+    alice = subprocess.Popen(
+        [*cli_cmd(), "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address,
+         "--timeout", "1.5"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env_for(home), cwd=home.parent,
+    )
+    try:
+        assert alice.stdin is not None
+        alice.stdin.write("first, relay up\n")
+        alice.stdin.flush()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _history_marks(home) != ["✓"]:
+            time.sleep(0.1)
+        assert _history_marks(home) == ["✓"]
+        relay.stop()
+        alice.stdin.write("sent while relay down\nand another\n")
+        alice.stdin.flush()
+        _, err = alice.communicate(timeout=30)  # closes stdin: the end of the input
+    finally:
+        if alice.poll() is None:
+            alice.kill()
+            alice.wait()
+    assert alice.returncode == DeliveryTimeoutError.exit_code
+    assert "relay connection lost" in err
+    last = err.strip().splitlines()[-1]
+    assert "2 messages queued in the outbox" in last and "do not send them again" in last
     restarted = relay.restart()
     try:
         assert ok(talk(home, "alice", ["bob"], restarted)) == []  # resends the outbox
         received = ok(talk(home, "bob", ["alice"], restarted))
         assert received == ["alice: first, relay up", "alice: sent while relay down",
                             "alice: and another"]
+        assert ok(talk(home, "alice", ["bob"], restarted)) == []
+        assert ok(talk(home, "bob", ["alice"], restarted)) == []
     finally:
         restarted.stop()
+
+
+def _history_marks(home: Path) -> list[str]:
+    """The marks of alice's messages to bob, read while her talk runs (history is read-only)."""
+    res = run(home, "history", "--key", "alice", "--peer", "bob", "--json")
+    if res.returncode != 0:
+        return []
+    marks = {"pending": "…", "accepted": "✓", "delivered": "✓✓"}
+    return [marks[json.loads(line)["status"]] for line in res.stdout.splitlines()]
 
 
 def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
@@ -144,7 +190,7 @@ def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--relay", "nonsense"], "HOST:PORT"),
+        (["--relay", "nonsense:port"], "HOST:PORT"),
         (["--relay", "127.0.0.1:1", "--peer", "nobody"], "nobody"),
         (["--relay", "127.0.0.1:1", "--timeout", "0"], "--timeout"),
     ],

@@ -8,6 +8,7 @@ would see (rows of text), not escape sequences.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,22 +24,50 @@ ROWS, COLS = 24, 110
 SAFETY = re.compile(r"(\d{5} ){11}\d{5}")
 
 
-class Term:
-    """A talk process on a pty plus the screen it has drawn."""
+class JoiningScreen(pyte.Screen):  # type: ignore[misc]
+    """A terminal that draws an emoji ZWJ sequence as ONE two-column glyph.
 
-    def __init__(self, home: Path, args: list[str]) -> None:
+    iTerm2, kitty, WezTerm and Windows Terminal do; prompt_toolkit (like pyte)
+    counts each emoji of the sequence. The disagreement is what left a stale
+    ``…`` before ``✓✓`` on a real terminal: this screen reproduces it.
+    """
+
+    def __init__(self, columns: int, lines: int) -> None:
+        super().__init__(columns, lines)
+        self._joining = False
+
+    def draw(self, data: str) -> None:
+        kept = []
+        for ch in data:
+            if ch == "\u200d":
+                self._joining = True
+            elif self._joining:
+                self._joining = False  # drawn inside the previous glyph
+            else:
+                kept.append(ch)
+        super().draw("".join(kept))
+
+
+class Term:
+    """A talk process on a pty plus the screen it has drawn (and every byte it wrote)."""
+
+    def __init__(self, home: Path, args: list[str], screen: type[pyte.Screen] = pyte.Screen,
+                 **env: str) -> None:
         cmd = cli_cmd()
         self.child = pexpect.spawn(
-            cmd[0], [*cmd[1:], *args], env=env_for(home, TERM="xterm"),
+            cmd[0], [*cmd[1:], *args], env=env_for(home, TERM="xterm", **env),
             dimensions=(ROWS, COLS), cwd=str(home.parent),
         )
-        self.screen = pyte.Screen(COLS, ROWS)
+        self.screen = screen(COLS, ROWS)
         self.stream = pyte.ByteStream(self.screen)
+        self.raw = bytearray()
         self.eof = False
 
     def pump(self, timeout: float = 0.05) -> None:
         try:
-            self.stream.feed(self.child.read_nonblocking(65536, timeout))
+            data = self.child.read_nonblocking(65536, timeout)
+            self.raw += data
+            self.stream.feed(data)
         except pexpect.TIMEOUT:
             pass
         except pexpect.EOF:
@@ -80,11 +109,11 @@ class Term:
 def open_talk(home: Path, relay: Relay) -> Iterator[Callable[..., Term]]:
     terms: list[Term] = []
 
-    def start(key: str = "alice", *peers: str) -> Term:
+    def start(key: str = "alice", *peers: str, screen: type[pyte.Screen] = pyte.Screen) -> Term:
         args = ["talk", "--key", key, "--relay", relay.address]
         for peer in peers or ("bob",):
             args += ["--peer", peer]
-        term = Term(home, args)
+        term = Term(home, args, screen)
         terms.append(term)
         term.wait("connected")
         return term
@@ -230,3 +259,145 @@ def test_reconnects_and_sends_when_the_relay_returns(
         assert ok(talk(home, "bob", ["alice"], restarted)) == ["alice: queued"]
     finally:
         restarted.stop()
+
+
+# --- issue 12: the rough edges of the screen -------------------------------------------------
+
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+
+
+def _receive_json(home: Path, relay: Relay, key: str = "bob") -> list[dict[str, object]]:
+    import json
+
+    res = run(home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def test_pasted_lines_are_shown_and_sent_as_one_message(
+    home: Path, relay: Relay, open_talk: Callable[..., Term]
+) -> None:
+    alice = open_talk()
+    alice.type(f"{PASTE_START}first pasted line\nsecond pasted line{PASTE_END}")
+    # The pasted text is visible in the input before Enter (it used to go blank).
+    alice.wait(lambda s: "> first pasted line" in s and "  second pasted line" in s)
+    alice.type("\r")
+    screen = alice.wait(lambda s: re.search(r"second pasted line  ✓$", s, re.M))
+    first = next(row for row in screen.splitlines() if "alice: first pasted line" in row)
+    second = next(row for row in screen.splitlines() if row.lstrip() == "second pasted line  ✓")
+    assert second.index("second") == first.index("first")  # aligned, not a literal \n
+    assert "\\n" not in screen
+    assert alice.input_row() == ">"
+    (message,) = _receive_json(home, relay)
+    assert message["text"] == "first pasted line\nsecond pasted line"
+    alice.type("/quit\r")
+    assert alice.exit_code() == 0
+
+
+def test_paste_over_the_limit_is_refused_and_kept_in_the_input(
+    home: Path, relay: Relay, open_talk: Callable[..., Term]
+) -> None:
+    alice = open_talk()
+    alice.type("my own words ")
+    alice.type(f"{PASTE_START}{'x' * 17_000}{PASTE_END}")
+    alice.wait(lambda s: "xxxx" in alice.input_row())
+    alice.type("\r")
+    alice.wait("is still in the input line")
+    assert "more than the 16384 a message may hold" in alice.text()
+    assert "xxxx" in alice.input_row()  # nothing typed was lost
+    assert "0 pending" in alice.text()
+    assert _receive_json(home, relay) == []
+    alice.type("\x03")
+    assert alice.exit_code() == 0
+
+
+def test_zwj_emoji_leaves_no_stale_mark(
+    home: Path, relay: Relay, open_talk: Callable[..., Term]
+) -> None:
+    alice = open_talk(screen=JoiningScreen)
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"
+    alice.type(f"family {family} here\r")
+    alice.wait(lambda s: re.search(r"here  ✓$", s, re.M))
+    assert [m["text"] for m in _receive_json(home, relay)] == [f"family {family} here"]
+    screen = alice.wait(lambda s: re.search(r"here  ✓✓$", s, re.M))
+    row = next(r for r in screen.splitlines() if "alice: family" in r)
+    assert "…" not in row, row
+    alice.type("/quit\r")
+    assert alice.exit_code() == 0
+
+
+def test_offline_status_line_says_why_in_full_words(home: Path, relay: Relay) -> None:
+    relay.stop()
+    term = Term(home, ["talk", "--key", "alice", "--peer", "bob", "--relay", relay.address])
+    try:
+        expected = " ○ offline connection refused, retrying │ with bob │ 0 pending │ /help"
+        notice = f"cannot connect: the relay at {relay.address} refused the connection"
+        screen = term.wait(lambda s: notice in s and s.splitlines()[ROWS - 2] == expected)
+        assert "offline offline" not in screen
+        term.type("/quit\r")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+
+
+def test_exit_leaves_the_conversation_on_the_terminal(
+    home: Path, relay: Relay, open_talk: Callable[..., Term]
+) -> None:
+    alice = open_talk()
+    alice.type("words worth keeping\r")
+    alice.wait(lambda s: re.search(r"words worth keeping  ✓", s))
+    alice.type("/quit\r")
+    assert alice.exit_code() == 0
+    after = bytes(alice.raw[alice.raw.rfind(b"\x1b[?1049l"):]).decode()
+    assert after.startswith("\x1b[?1049l")  # left the alternate screen, then printed:
+    assert re.search(r"\d\d:\d\d alice: words worth keeping  ✓", after)
+
+
+def test_three_passphrase_tries_on_a_terminal(home: Path, relay: Relay) -> None:
+    env = env_for(home, SECURECHAT_PASSPHRASE="right one")
+    made = subprocess.run([*cli_cmd(), "keygen", "enc"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=home.parent)
+    assert made.returncode == 0, made.stderr
+    args = ["talk", "--key", "enc", "--peer", "bob", "--relay", relay.address]
+    term = Term(home, args)
+    try:
+        for _ in range(2):
+            term.child.expect("Passphrase for", timeout=20)
+            term.child.sendline("wrong")
+            term.child.expect("Wrong passphrase, try again", timeout=20)
+        term.child.expect("Passphrase for", timeout=20)
+        term.child.sendline("right one")
+        term.wait("connected")
+        term.type("/quit\r")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+    term = Term(home, args)
+    try:
+        for _ in range(3):
+            term.child.expect("Passphrase for", timeout=20)
+            term.child.sendline("wrong")
+        term.child.expect("3 tries", timeout=20)
+        assert term.exit_code() == 3
+    finally:
+        term.close()
+
+
+def test_changed_relay_key_queues_nothing_on_the_screen(
+    home: Path, relay: Relay, tmp_path: Path
+) -> None:
+    assert run(home, "send", "--key", "alice", "--peer", "bob", "--relay", relay.address,
+               "-m", "pins the relay").returncode == 0
+    relay.stop()
+    impostor = Relay.start(tmp_path / "impostor", relay.port)
+    term = Term(home, ["talk", "--key", "alice", "--peer", "bob", "--relay", relay.address])
+    try:
+        term.wait("RELAY KEY CHANGED, not retrying")
+        term.type("must not wait in the outbox\r")
+        term.wait(lambda s: re.search(r"must not wait in the outbox  ✗ not sent", s))
+        assert "not sent, nothing queued" in term.text() and "0 pending" in term.text()
+        term.type("/quit\r")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+        impostor.stop()

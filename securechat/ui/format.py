@@ -19,6 +19,7 @@ from securechat.client.messenger import (
     STATUS_ACCEPTED,
     STATUS_DELIVERED,
     STATUS_PENDING,
+    STATUS_RECEIVED,
     MessageEvent,
 )
 
@@ -32,6 +33,13 @@ MARKS: Final = {
     STATUS_DELIVERED: MARK_DELIVERED,
 }
 
+STATUS_NAMES: Final = {
+    STATUS_PENDING: "pending",
+    STATUS_ACCEPTED: "accepted",
+    STATUS_DELIVERED: "delivered",
+    STATUS_RECEIVED: "received",
+}
+
 DEFAULT_HISTORY: Final = 20  # /history without N
 MAX_HISTORY: Final = 1000  # /history N is clamped to this
 STARTUP_HISTORY: Final = 10  # lines of history shown when talk starts
@@ -40,6 +48,17 @@ STARTUP_HISTORY: Final = 10  # lines of history shown when talk starts
 _BIDI: Final = frozenset(
     chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)
 )
+
+# Characters a terminal may draw joined with their neighbours into one glyph (emoji
+# ZWJ sequences, variation selectors, skin-tone modifiers, tag sequences) while
+# prompt_toolkit counts each one's own width: the screen then believes text sits
+# in other cells than it does, and redrawing a mark or scrolling leaves stale
+# characters (a stale "…" before "✓✓"). The talk screen draws messages without
+# them; the text itself (history, JSON, pipe output) is never changed.
+_JOINERS: Final = frozenset(
+    [0x200C, 0x200D, *range(0xFE00, 0xFE10), *range(0x1F3FB, 0x1F400), *range(0xE0000, 0xE0080)]
+)
+MAX_MESSAGE_ROWS: Final = 40  # lines of one message drawn on the talk screen
 
 QUIT_WORDS: Final = frozenset({"/quit", "/exit", "exit", "/q"})
 COMMANDS: Final = ("help", "quit", "exit", "peers", "fingerprint", "verify", "history", "trust")
@@ -72,6 +91,27 @@ def safe(text: str) -> str:
     return "".join(out)
 
 
+def text_lines(text: str) -> list[str]:
+    """A message's lines, each safe: a newline in a message is a line break wherever a
+    person reads it (talk screen, history); one-line outputs escape it instead."""
+    return [safe(line) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+
+
+def screen_lines(text: str) -> list[str]:
+    """:func:`text_lines` for the talk screen: without joiners, at most MAX_MESSAGE_ROWS."""
+    lines = ["".join(ch for ch in line if ord(ch) not in _JOINERS) for line in text_lines(text)]
+    if len(lines) > MAX_MESSAGE_ROWS:
+        hidden = len(lines) - MAX_MESSAGE_ROWS + 1
+        lines = [*lines[: MAX_MESSAGE_ROWS - 1], f"[{hidden} more lines: see /history or "
+                 "'securechat history']"]
+    return lines
+
+
+def indent_continuation(lines: list[str], width: int) -> str:
+    """Lines after the first, aligned under the first line's text."""
+    return ("\n" + " " * width).join(lines)
+
+
 def sender_label(name: str, fingerprint: str, verified: bool) -> str:
     """A known peer by name; anyone else with the fingerprint and a warning."""
     if verified:
@@ -92,6 +132,37 @@ def iso_time(sent_ms: int) -> str:
     """ISO 8601 in local time with its UTC offset and milliseconds (machine-readable)."""
     moment = datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).astimezone()
     return moment.isoformat(timespec="milliseconds")
+
+
+def history_text(record: dict[str, object]) -> str:
+    """One history record for people: ``[date time] NAME: text`` (lines aligned), with marks."""
+    stamp = datetime.fromtimestamp(int(str(record.get("sent_ms", 0))) / 1000).strftime(
+        "%Y-%m-%d %H:%M")
+    if record.get("out"):
+        sender = safe(str(record.get("sender", "")))
+    else:
+        sender = sender_label(str(record.get("sender", "")), str(record.get("fp", "")),
+                              bool(record.get("verified")))
+    prefix = f"[{stamp}] {sender}: "
+    text = indent_continuation(text_lines(str(record.get("text", ""))), len(prefix))
+    status = int(str(record.get("status", STATUS_RECEIVED)))
+    suffix = f"  {mark(status)}" if record.get("out") else ""
+    return f"{prefix}{text}{suffix}"
+
+
+def history_json(record: dict[str, object]) -> dict[str, object]:
+    """One history record for programs (``history --json``): exact text, named status."""
+    status = int(str(record.get("status", STATUS_RECEIVED)))
+    return {
+        "sender": record.get("sender"),
+        "fingerprint": record.get("fp"),
+        "verified": True if record.get("out") else bool(record.get("verified")),
+        "id": record.get("msg_id"),
+        "time": iso_time(int(str(record.get("sent_ms", 0)))),
+        "text": record.get("text"),
+        "outgoing": bool(record.get("out")),
+        "status": STATUS_NAMES.get(status, str(status)),
+    }
 
 
 def pipe_line(event: MessageEvent) -> str:

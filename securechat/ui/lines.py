@@ -2,7 +2,9 @@
 
 A :class:`Line` is mutable on purpose: the delivery mark of one of our own
 messages changes as the relay and then the peer acknowledge it. Only the UI
-thread touches lines.
+thread touches lines. A message's text may span several rows (a newline in the
+message); rows after the first are aligned under the first row's text, and the
+mark follows the last row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Final
 
 from prompt_toolkit.formatted_text import StyleAndTextTuples
 from prompt_toolkit.styles import Style
+from prompt_toolkit.utils import get_cwidth
 
 from securechat.client.messenger import STATUS_ACCEPTED, STATUS_PENDING
 from securechat.ui import format as fmt
@@ -41,7 +44,7 @@ class Line:
     """One line of the message area; ``status`` changes as acknowledgements arrive."""
 
     style: str  # "msg" or a style class for notices
-    text: str
+    text: str  # already safe for the terminal; rows separated by "\n"
     when: str = ""
     sender: str = ""
     sender_style: str = "peer"
@@ -50,13 +53,24 @@ class Line:
     other_conv: bool = False
 
 
+def message_text(text: str) -> str:
+    """A message's text as the screen draws it (see :func:`format.screen_lines`)."""
+    return "\n".join(fmt.screen_lines(text))
+
+
+def rows(line: Line) -> int:
+    return line.text.count("\n") + 1
+
+
 def render(line: Line) -> StyleAndTextTuples:
     if line.style != "msg":
         return [(f"class:{line.style}", line.text)]
     out: StyleAndTextTuples = [("class:time", f"{line.when} ")]
     if line.other_conv:
         out.append(("class:other", "[other chat] "))
-    out += [(f"class:{line.sender_style}", line.sender), ("", f": {line.text}")]
+    out += [(f"class:{line.sender_style}", line.sender), ("", ": ")]
+    indent = sum(get_cwidth(text) for _style, text, *_ in out)
+    out.append(("", fmt.indent_continuation(line.text.split("\n"), indent)))
     if line.refused:
         out.append(("class:refused", f"  {fmt.MARK_REFUSED}"))
     elif line.status is not None:
@@ -65,10 +79,25 @@ def render(line: Line) -> StyleAndTextTuples:
     return out
 
 
+def plain(line: Line) -> str:
+    """The line as text without styles (what stays on the terminal after talk exits)."""
+    return "".join(text for _style, text, *_ in render(line))
+
+
+def transcript(lines: list[Line], max_rows: int) -> list[str]:
+    """The last ``max_rows`` rows of ``lines`` as plain text (left on the terminal at exit)."""
+    out: list[str] = []
+    for line in reversed(lines):
+        out[:0] = plain(line).split("\n")
+        if len(out) >= max_rows:
+            break
+    return out[-max_rows:] if max_rows > 0 else []
+
+
 def history_line(record: dict[str, object], by_id: dict[bytes, Line]) -> Line:
     """A line for a stored history record; our own ones keep tracking their status."""
     sent_ms = int(str(record.get("sent_ms", 0)))
-    text = fmt.safe(str(record.get("text", "")))
+    text = message_text(str(record.get("text", "")))
     if record.get("out"):
         status = int(str(record.get("status", STATUS_PENDING)))
         sender = fmt.safe(str(record.get("sender", "")))

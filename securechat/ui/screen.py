@@ -5,6 +5,13 @@ state, members with presence, pending outbox count) and the input line.
 Because prompt_toolkit owns the whole screen and redraws it, an incoming
 message never garbles what the user is typing (no ``print`` racing a prompt).
 
+Input: Enter sends; a bracketed paste of several lines is shown in the input
+(up to :data:`MAX_INPUT_ROWS` rows, scrolling) and sent as ONE multi-line
+message; Alt-Enter adds a line break by hand. A text over the size limit is
+refused and stays in the input to be shortened. When talk exits, the last
+screenful of the conversation is printed to the terminal, as other terminal
+chats leave it.
+
 Threads: the messenger reports from its network thread, and ``send_text``
 (which may wait for a peer's prekeys) runs on a one-worker executor so the
 UI never blocks and messages keep their order. Neither thread touches the
@@ -18,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import queue
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,11 +56,21 @@ from securechat.client.messenger import (
 )
 from securechat.errors import SecureChatError
 from securechat.ui import format as fmt
-from securechat.ui.lines import STYLE, Line, history_line, render
+from securechat.ui import status as status_line
+from securechat.ui.lines import (
+    STYLE,
+    Line,
+    history_line,
+    message_text,
+    render,
+    rows,
+    transcript,
+)
 from securechat.ui.talk import check_peers
 
 MAX_LINES: Final = 2000  # message-area lines kept in memory; older ones scroll away
 MAX_EARLY_STATUS: Final = 1000  # acknowledgements that overtook send_text's return
+MAX_INPUT_ROWS: Final = 6  # the input grows to this many rows for a multi-line text
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +104,12 @@ class ChatScreen:
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securechat-send")
         self._messenger: Messenger | None = None
         self._conv: Conversation | None = None
+        self._reasons: set[str] = set()  # connection failures already told in full
         self.input = TextArea(
-            prompt=[("class:prompt", "> ")], multiline=False, wrap_lines=True,
-            height=Dimension(min=1, max=3), accept_handler=self._accept,
+            prompt=[("class:prompt", "> ")], multiline=True, wrap_lines=True,
+            height=Dimension(min=1, max=MAX_INPUT_ROWS), dont_extend_height=True,
+            get_line_prefix=lambda line, wrap: "  " if line or wrap else "",
+            accept_handler=self._accept,
         )
         self.application: Application[int] = Application(
             layout=self._layout(), key_bindings=self._bindings(), style=STYLE,
@@ -165,6 +186,8 @@ class ChatScreen:
                                 else "relay connection lost; messages wait in the outbox"))
             self._connected = event.connected
             self._conn_detail = event.detail
+            if not event.connected:
+                self._tell_reason()
         elif isinstance(event, NoticeEvent):
             self._add(Line("error" if event.error else "notice", fmt.safe(event.text)))
         elif isinstance(event, PresenceEvent):
@@ -176,10 +199,27 @@ class ChatScreen:
                 self._add(Line("notice", f"{fmt.safe(event.name)} {state}"))
             self._online[event.name] = event.online
 
+    def _tell_reason(self) -> None:
+        """Each distinct cause of a failed connection once in full (the status line is short)."""
+        failure = self._failure()
+        if failure is not None and failure not in self._reasons and len(self._reasons) < 100:
+            self._reasons.add(failure)
+            self._add(Line("error", f"cannot connect: {fmt.safe(failure)}"))
+
+    def _failure(self) -> str | None:
+        error = self._failure_error()
+        return None if error is None else str(error)
+
+    def _failure_error(self) -> SecureChatError | None:
+        messenger = self._messenger
+        if messenger is None:
+            return None
+        return messenger.fatal or messenger.last_connect_error
+
     def _on_message(self, event: MessageEvent) -> None:
         label = fmt.sender_label(event.sender_name, event.sender_fingerprint, event.verified)
         other = self._conv is not None and event.conv != self._conv.conv_id
-        self._add(Line("msg", fmt.safe(event.text), fmt.clock(event.sent_ms), label,
+        self._add(Line("msg", message_text(event.text), fmt.clock(event.sent_ms), label,
                         "peer" if event.verified else "unverified", other_conv=other))
 
     def _set_status(self, msg_id: bytes, status: int) -> None:
@@ -201,20 +241,27 @@ class ChatScreen:
     # --- input ----------------------------------------------------------------------------
 
     def _accept(self, buffer: Buffer) -> bool:
-        command = fmt.parse_command(buffer.text)
-        if command is None:
-            text = fmt.unescape_message(buffer.text)
-            if text:
-                self._send(text)
-        else:
+        """Enter: a command (one line) or a message; True keeps the text in the input."""
+        command = fmt.parse_command(buffer.text) if "\n" not in buffer.text.strip() else None
+        if command is not None:
             self._command(command)
+            return False
+        text = fmt.unescape_message(buffer.text)
+        size = len(text.encode())
+        if size > envelope.MAX_TEXT_BYTES:
+            self._add(Line("error", f"not sent: {size} bytes is more than the "
+                                    f"{envelope.MAX_TEXT_BYTES} a message may hold; the text "
+                                    "is still in the input line to shorten or split"))
+            return True
+        if text:
+            self._send(text)
         return False  # clear the input line
 
     def _send(self, text: str) -> None:
         messenger, conv = self._messenger, self._conv
         assert messenger is not None and conv is not None
         me = messenger.identity.public.name
-        line = Line("msg", fmt.safe(text), time.strftime("%H:%M"), fmt.safe(me), "own",
+        line = Line("msg", message_text(text), time.strftime("%H:%M"), fmt.safe(me), "own",
                      status=STATUS_PENDING)
         self._add(line)
         if self._blocked:
@@ -222,9 +269,11 @@ class ChatScreen:
             for warning in self._blocked.values():
                 self._add(Line("warn", warning))
             return
-        if len(text.encode()) > envelope.MAX_TEXT_BYTES:
+        if messenger.fatal is not None:
+            # A changed relay key (or a dead network thread): queuing would send the text
+            # later, behind the user's back, after they may have typed it again.
             line.refused = True
-            self._add(Line("error", f"too long: at most {envelope.MAX_TEXT_BYTES} bytes"))
+            self._add(Line("error", f"not sent, nothing queued: {fmt.safe(str(messenger.fatal))}"))
             return
 
         def work() -> None:
@@ -291,7 +340,7 @@ class ChatScreen:
             self._add(Line("error", "usage: /trust NAME (the peer whose new key you verified)"))
             return
         try:
-            peer = keystore.load_public(name)
+            peer = keystore.load_public(name, peer=True)
             replaced = messenger.peers.trust(peer)
         except SecureChatError as exc:
             self._add(Line("error", fmt.safe(str(exc))))
@@ -313,7 +362,11 @@ class ChatScreen:
         return Layout(HSplit([messages, status, self.input]), focused_element=self.input)
 
     def _last_line(self) -> Point:
-        return Point(0, max(0, len(self._lines) - 1))
+        return Point(0, max(0, sum(rows(line) for line in self._lines) - 1))
+
+    def transcript(self, max_rows: int) -> list[str]:
+        """The last ``max_rows`` rows of the conversation as plain text."""
+        return transcript(self._lines, max_rows)
 
     def _message_fragments(self) -> StyleAndTextTuples:
         out: StyleAndTextTuples = []
@@ -325,21 +378,21 @@ class ChatScreen:
         return out
 
     def _status_fragments(self) -> StyleAndTextTuples:
-        if self._connected:
-            state = [("class:status.online", " ● connected "), ("class:status", self._relay)]
-        else:
-            state = [("class:status.offline", " ○ offline "),
-                     ("class:status", fmt.safe(self._conn_detail)[:60])]
-        names = [p.name for p in self._peers]
-        parts: StyleAndTextTuples = [
-            *state,
-            ("class:status", f" │ with {fmt.members_text(names, self._online)}"),
-        ]
-        parts.append(("class:status", f" │ {self._pending} pending"))
-        if self._blocked:
-            parts.append(("class:status.offline", " KEY CHANGED: not sending "))
-        parts.append(("class:status", " │ /help"))
-        return parts
+        messenger = self._messenger
+        state = status_line.Status(
+            connected=self._connected, relay=self._relay, detail=self._conn_detail,
+            failure=self._failure_error(),
+            retrying=messenger is None or messenger.fatal is None,
+            members=fmt.members_text([p.name for p in self._peers], self._online),
+            pending=self._pending, blocked=bool(self._blocked),
+        )
+        return status_line.fragments(state, self._columns())
+
+    def _columns(self) -> int:
+        try:
+            return self.application.output.get_size().columns
+        except Exception:  # no terminal yet (tests build the screen without one)
+            return 80
 
     def _bindings(self) -> KeyBindings:
         bindings = KeyBindings()
@@ -347,6 +400,14 @@ class ChatScreen:
         @bindings.add("c-c")
         def _interrupt(event: KeyPressEvent) -> None:
             event.app.exit(result=0)
+
+        @bindings.add("enter", eager=True)
+        def _enter(event: KeyPressEvent) -> None:
+            self.input.buffer.validate_and_handle()
+
+        @bindings.add("escape", "enter")
+        def _newline(event: KeyPressEvent) -> None:
+            self.input.buffer.insert_text("\n")
 
         @bindings.add("c-d")
         def _eof(event: KeyPressEvent) -> None:
@@ -369,8 +430,14 @@ def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIden
         screen.attach(client.messenger, conv)
         code = screen.run()
         pending = client.messenger.pending()
+    # The full-screen view is gone with the alternate screen: leave the conversation.
+    rows_left = shutil.get_terminal_size().lines - 2
+    for text in screen.transcript(rows_left):
+        print(text)
     if pending:
-        print(f"{pending} message{'s' if pending != 1 else ''} not yet accepted by the relay "
-              "stay in the outbox; they will be sent the next time you run talk or send")
+        what = "1 message" if pending == 1 else f"{pending} messages"
+        print(f"{what} not yet accepted by the relay: queued in the outbox, the next talk, send "
+              "or receive sends them (do not send them again)")
     return code
+
 

@@ -8,27 +8,31 @@ the relay has durably accepted every message), diagnostics on stderr only.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
-from datetime import datetime
+from pathlib import Path
 from typing import Final
 
-from securechat import keystore
+from securechat import envelope, keystore
+from securechat.client import app
 from securechat.client.app import default_relay, load_peers, open_client, open_store
+from securechat.client.link import DEFAULT_PORT, canonical_address, read_relay_key_file
 from securechat.client.messenger import (
-    ConnectionEvent,
-    Conversation,
     Event,
     KnownPeers,
     MessageEvent,
+    Messenger,
     NoticeEvent,
 )
+from securechat.encoding import fingerprint
 from securechat.errors import DeliveryTimeoutError, UsageError
+from securechat.ui import format as fmt
 from securechat.ui.format import json_line, pipe_line
 
-CONNECT_GRACE: Final = 3.0  # seconds send waits for the relay before sealing offline
 DEFAULT_ACK_TIMEOUT: Final = 30.0
+NOTHING_SENT: Final = "nothing was sent or queued: run the command again once that is fixed"
 
 
 class _Printer:
@@ -37,7 +41,6 @@ class _Printer:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self.last_message = time.monotonic()
-        self.connected = threading.Event()
         self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
@@ -45,11 +48,10 @@ class _Printer:
             with self._lock:
                 print(json_line(event) if self.as_json else pipe_line(event), flush=True)
                 self.last_message = time.monotonic()
-        elif isinstance(event, ConnectionEvent):
-            if event.connected:
-                self.connected.set()
-        elif isinstance(event, NoticeEvent) and event.error:
-            print(f"securechat: {event.text}", file=sys.stderr, flush=True)
+        elif isinstance(event, NoticeEvent):
+            # Errors, and the one line saying a relay key was pinned.
+            with self._lock:
+                print(f"securechat: {fmt.safe(event.text)}", file=sys.stderr, flush=True)
 
 
 def add_client_arguments(p: argparse.ArgumentParser, *, peers: bool) -> None:
@@ -57,47 +59,77 @@ def add_client_arguments(p: argparse.ArgumentParser, *, peers: bool) -> None:
         p.add_argument("--peer", action="append", required=True, metavar="NAME|FILE",
                        help="recipient (repeat for a group)")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
-    p.add_argument("--relay", metavar="HOST:PORT",
-                   help=f"relay address (default: $SECURECHAT_RELAY or {default_relay()})")
-    p.add_argument("--relay-key", metavar="FILE", help="pin the relay's key (its relay.pub)")
+    p.add_argument("--relay", metavar="HOST[:PORT]",
+                   help=f"relay address, port {DEFAULT_PORT} if none (default: "
+                   f"$SECURECHAT_RELAY or {default_relay()})")
+    p.add_argument("--relay-key", metavar="FILE",
+                   help="the relay's relay.pub: pins its key in known_relays (replacing an "
+                   "older pin once the relay proves it holds this key)")
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    texts = [args.message] if args.message is not None else [
-        line.rstrip("\n") for line in sys.stdin if line.strip()
-    ]
-    if not texts:
-        raise UsageError("nothing to send: give -m TEXT or lines on stdin")
+    """Connect first, then seal: a send that cannot reach the relay queues nothing.
+
+    So a failed send is safe to run again (nothing was queued), and a message
+    that was queued is said to be, and goes out once: by this run, or by the
+    next send, receive or talk, never by both.
+    """
+    texts = _texts_to_send(args)
     peers = load_peers(args.peer)
     printer = _Printer(as_json=False)
     with open_client(args.key, args.relay, args.relay_key, printer, receive=False) as client:
         conv = client.conversation(peers)
-        printer.connected.wait(CONNECT_GRACE)
+        messenger = client.messenger
+        for peer in peers:  # a changed key is refused before anything else (trust on first use)
+            messenger.peers.check(peer)
+        app.wait_for_relay(messenger, what=NOTHING_SENT + _earlier(messenger))
         for text in texts:
-            client.messenger.send_text(conv, text)
-        if not client.messenger.wait_all_accepted(args.timeout):
-            messenger = client.messenger
-            _raise_not_accepted(messenger.pending(), messenger.relay_address, messenger.fatal)
+            messenger.send_text(conv, text)
+        if not messenger.wait_all_accepted(args.timeout):
+            _raise_not_accepted(messenger, args.timeout)
     return 0
 
 
-def _raise_not_accepted(pending: int, relay: str, fatal: Exception | None) -> None:
-    if fatal is not None:
-        raise fatal
-    raise DeliveryTimeoutError(
-        f"the relay at {relay} did not accept {pending} message(s) in time; they are kept "
-        "in the outbox and will be sent by the next send, receive or talk"
-    )
+def _texts_to_send(args: argparse.Namespace) -> list[str]:
+    if args.message is not None:
+        texts = [args.message] if args.message.strip() else []
+    else:
+        texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise UsageError("nothing to send: give -m TEXT (not empty) or lines on stdin")
+    for number, text in enumerate(texts, start=1):
+        size = len(text.encode())
+        if size > envelope.MAX_TEXT_BYTES:
+            which = "the message" if args.message is not None else f"input line {number}"
+            raise UsageError(f"{which} is {size} bytes, more than {envelope.MAX_TEXT_BYTES}; "
+                             "nothing was sent")
+    return texts
+
+
+def _earlier(messenger: Messenger) -> str:
+    pending = messenger.pending()
+    if not pending:
+        return ""
+    return (f" ({pending} message{'s' if pending != 1 else ''} from earlier runs still wait "
+            "in the outbox)")
+
+
+def _raise_not_accepted(messenger: Messenger, timeout: float) -> None:
+    pending = messenger.pending()
+    queued = (f"{pending} message{'s' if pending != 1 else ''} queued in the outbox: the next "
+              "send, receive or talk sends them, so do not send them again")
+    if messenger.fatal is not None:
+        raise app.with_note(messenger.fatal, queued)
+    state = "is unreachable" if not messenger.connected else "did not accept them"
+    raise DeliveryTimeoutError(f"the relay at {messenger.relay_address} {state} within "
+                               f"{timeout:g}s; {queued}")
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
     printer = _Printer(as_json=args.json)
     with open_client(args.key, args.relay, args.relay_key, printer) as client:
         messenger = client.messenger
-        if not printer.connected.wait(max(args.timeout, CONNECT_GRACE)):
-            if messenger.fatal is not None:
-                raise messenger.fatal
-            raise DeliveryTimeoutError(f"cannot reach the relay at {messenger.relay_address}")
+        app.wait_for_relay(messenger, what="nothing was received")
         messenger.synced.wait(args.timeout)
         printer.last_message = time.monotonic()
         while time.monotonic() - printer.last_message < args.timeout:
@@ -110,24 +142,38 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    """Read the history without the identity's lock, so it works while talk runs."""
+    if args.n <= 0:
+        raise UsageError("-n must be a positive number of messages")
     identity = keystore.load_identity(args.key)
     peers = load_peers(args.peer)
-    conv = Conversation.with_peers(identity.public, peers)
-    store = open_store(identity)
+    conv = app.conversation(identity.public, peers)
+    store = app.open_store_read_only(identity)
+    if store is None:
+        return 0  # this identity has not talked to anyone yet
     try:
         entries = store.history(conv.conv_id, args.n)
     finally:
         store.close()
     for entry in entries:
-        rec = entry.record
-        stamp = datetime.fromtimestamp(int(rec["sent_ms"]) / 1000).strftime("%Y-%m-%d %H:%M")
-        print(f"[{stamp}] {rec['sender']}: {rec['text']}")
+        record = {**entry.record, "status": entry.status, "msg_id": entry.msg_id.hex()}
+        if args.json:
+            print(json.dumps(fmt.history_json(record), ensure_ascii=False))
+        else:
+            print(fmt.history_text(record))
     return 0
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
+    if args.relay is not None or args.relay_key is not None:
+        if args.peer is not None:
+            raise UsageError("trust either a PEER or a relay (--relay with --relay-key), not both")
+        return _trust_relay(args)
+    if args.peer is None:
+        raise UsageError("name the PEER whose key to trust, or a relay with --relay and "
+                         "--relay-key")
     identity = keystore.load_identity(args.key)
-    peer = keystore.load_public(args.peer)
+    peer = keystore.load_public(args.peer, peer=True)
     store = open_store(identity)
     try:
         with store.transaction():
@@ -139,11 +185,36 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_relay(args: argparse.Namespace) -> int:
+    """Pin a relay's (new) key from its relay.pub: the way back after a legitimate change."""
+    if args.relay is None or args.relay_key is None:
+        raise UsageError("to pin a relay's key give both --relay HOST:PORT and --relay-key "
+                         "relay.pub (the file the relay's operator hands out)")
+    address = app.relay_address(args.relay)
+    key = read_relay_key_file(Path(args.relay_key))
+    known = app.known_relays()
+    old = known.lookup(address)
+    where = canonical_address(address)
+    if old == key:
+        print(f"the relay at {where} is already pinned to {fingerprint(key)}")
+        return 0
+    known.remember(address, key)
+    if old is None:
+        print(f"pinned the relay at {where}: {fingerprint(key)}")
+    else:
+        print(f"the relay at {where}: replaced the pinned key {fingerprint(old)} with "
+              f"{fingerprint(key)}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("send", help="send messages and exit once the relay accepted them",
                        description="Send -m TEXT, or one message per stdin line, to --peer "
                        "(several --peer: a group). Exits 0 only after the relay durably accepted "
-                       "every message; otherwise they stay in the outbox for the next run.")
+                       "every message. If the relay cannot be reached, nothing is queued (exit "
+                       "7: run it again later); if it was reached but did not accept in time, "
+                       "the messages are queued and the next send, receive or talk sends them "
+                       "(exit 10: do not send them again).")
     add_client_arguments(p, peers=True)
     p.add_argument("-m", "--message", metavar="TEXT", help="the message (default: stdin lines)")
     p.add_argument("--timeout", type=float, default=DEFAULT_ACK_TIMEOUT, metavar="SECONDS",
@@ -166,11 +237,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--peer", action="append", required=True, metavar="NAME|FILE")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
     p.add_argument("-n", type=int, default=50, metavar="N", help="last N messages (default 50)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per message (sender, fingerprint, id, time, text, "
+                   "outgoing, status)")
     p.set_defaults(handler=cmd_history)
 
-    p = sub.add_parser("trust", help="accept a peer's (changed) key",
+    p = sub.add_parser("trust", help="accept a peer's (changed) key, or pin a relay's key",
                        description="Record PEER's current key as trusted, replacing a different "
-                       "one recorded earlier. Verify the safety number out of band first.")
-    p.add_argument("peer", metavar="NAME|FILE")
+                       "one recorded earlier (verify the safety number out of band first). Or, "
+                       "with --relay HOST:PORT --relay-key relay.pub, pin that relay's key in "
+                       "known_relays, replacing the one pinned before (both fingerprints are "
+                       "shown).")
+    p.add_argument("peer", metavar="NAME|FILE", nargs="?", help="the peer whose key to trust")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
+    p.add_argument("--relay", metavar="HOST[:PORT]", help="the relay whose key to pin")
+    p.add_argument("--relay-key", metavar="FILE", help="the relay's relay.pub")
     p.set_defaults(handler=cmd_trust)

@@ -5,7 +5,10 @@ screen of :mod:`securechat.ui.screen`. Otherwise it is a filter for scripts:
 each input line is sent as one message, each received message is printed as
 one line (``NAME: text``, or a JSON object with ``--json``), and at the end of
 input it waits until the relay has accepted every message it sent, so exit
-status 0 means "nothing is left only on this machine".
+status 0 means "nothing is left only on this machine". Pipe mode starts only once
+the relay is reached: if it cannot be, it says why at once and reads nothing, so
+running it again later sends each line once. A connection lost later is told on
+stderr; the lines go on into the outbox and out when the relay is back.
 
 The engine (:class:`~securechat.client.messenger.Messenger`) runs its own
 network thread and reports through a callback; this module only turns those
@@ -23,8 +26,9 @@ from typing import Final, TextIO
 
 from securechat import envelope, keys
 from securechat.client import app
-from securechat.client.link import parse_address
+from securechat.client.link import DEFAULT_PORT
 from securechat.client.messenger import (
+    ConnectionEvent,
     Conversation,
     Event,
     MessageEvent,
@@ -34,7 +38,6 @@ from securechat.client.messenger import (
 from securechat.errors import (
     DeliveryTimeoutError,
     PeerKeyChangedError,
-    RelayUnreachableError,
     SessionError,
     UsageError,
 )
@@ -54,10 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
     parser.add_argument(
-        "--relay", metavar="HOST:PORT",
-        help=f"relay address (default: ${app.ENV_RELAY} or {app.DEFAULT_RELAY})",
+        "--relay", metavar="HOST[:PORT]",
+        help=f"relay address, port {DEFAULT_PORT} if none (default: ${app.ENV_RELAY} or "
+        f"{app.DEFAULT_RELAY})",
     )
-    parser.add_argument("--relay-key", metavar="FILE", help="pin the relay's public key file")
+    parser.add_argument(
+        "--relay-key", metavar="FILE",
+        help="the relay's relay.pub: pins its key in known_relays (replacing an older pin "
+        "once the relay proves it holds this key)",
+    )
     parser.add_argument(
         "--json", action="store_true",
         help="print received messages as JSON lines (pipe mode, even on a terminal)",
@@ -74,11 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``securechat talk``; raises our errors, returns the exit code."""
-    relay = args.relay or app.default_relay()
-    try:
-        parse_address(relay)
-    except RelayUnreachableError as exc:
-        raise UsageError(str(exc)) from exc
+    relay = app.relay_address(args.relay)
     if args.timeout is None or not args.timeout > 0:
         raise UsageError("--timeout must be a positive number of seconds")
     peers = app.load_peers(args.peer)
@@ -113,13 +117,26 @@ class _PipePrinter:
         self._json = as_json
         self._lock = threading.Lock()
         self.closed = False  # stdout went away (e.g. piped into `head`)
+        self._offline_told = False  # one warning per lost connection, not one per retry
+        self._was_connected = False  # before the first connection, the command says why
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, MessageEvent):
             line = fmt.json_line(event) if self._json else fmt.pipe_line(event)
             self._write(self._out, line)
-        elif isinstance(event, NoticeEvent) and event.error:
-            self._write(self._err, f"securechat: warning: {fmt.safe(event.text)}")
+        elif isinstance(event, NoticeEvent):
+            kind = "warning: " if event.error else ""
+            self._write(self._err, f"securechat: {kind}{fmt.safe(event.text)}")
+        elif isinstance(event, ConnectionEvent):
+            if event.connected:
+                if self._offline_told:
+                    self._write(self._err, "securechat: connected to the relay again")
+                self._offline_told = False
+                self._was_connected = True
+            elif self._was_connected and not self._offline_told:
+                self._offline_told = True
+                self._write(self._err, f"securechat: warning: relay connection lost "
+                            f"({fmt.safe(event.detail)}); new lines wait in the outbox")
 
     def _write(self, stream: TextIO, line: str) -> None:
         with self._lock:
@@ -151,6 +168,7 @@ def _run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdent
         if warnings:
             raise PeerKeyChangedError(next(iter(warnings.values())))
         conv = client.conversation(peers)
+        app.wait_for_relay(messenger, what="no input was read, nothing was sent or queued")
         # Give the relay a moment first: a session started online uses the peer's
         # prekeys (stronger than the offline start), and the outbox left by an
         # earlier run goes out before the new lines, so order is kept.
@@ -188,8 +206,8 @@ def _finish(messenger: Messenger, relay: str, timeout: float, printer: _PipePrin
         state = "unreachable" if not messenger.connected else "did not acknowledge in time"
         raise DeliveryTimeoutError(
             f"relay {relay} {state} after {timeout:g}s: {pending} message"
-            f"{'' if pending == 1 else 's'} kept in the outbox; they will be sent the next "
-            "time you run talk or send"
+            f"{'' if pending == 1 else 's'} queued in the outbox; the next send, receive or "
+            "talk sends them, so do not send them again"
         )
     messenger.synced.wait(SYNC_WAIT)
     if not printer.closed:
