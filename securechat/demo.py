@@ -100,8 +100,10 @@ def _side(left: str, right: str) -> None:
 def _tap(owner: str) -> object:
     def tap(direction: str, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Send):
+            what = f" ({owner}'s device confirms receipt, end to end)" if (
+                direction == "receipt") else ""
             _side("", f"relay <- {owner}: Send {len(frame.payload)} B ciphertext "
-                  f"{frame.payload[:12].hex()}...")
+                  f"{frame.payload[:12].hex()}...{what}")
         elif isinstance(frame, wire.SendMulti):
             sizes = ", ".join(str(len(p)) for _, p in frame.recipients)
             _side("", f"relay <- {owner}: SendMulti {len(frame.recipients)} copies ({sizes} B)")

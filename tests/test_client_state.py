@@ -19,7 +19,7 @@ from securechat.client.link import KnownRelays
 from securechat.client.messenger import Conversation, Event, MessageEvent, Messenger
 from securechat.client.store import SCHEMA_VERSION, ClientStore, StoreKeys
 from securechat.e2e import Content, E2EState
-from securechat.errors import StorageError
+from securechat.errors import StorageError, UsageError
 
 
 def _identity(name: str) -> keys.Identity:
@@ -382,3 +382,20 @@ def test_schema_2_migrates_to_macs_and_keeps_everything(db: Path, tmp_path: Path
     raw = _file_bytes(db)
     assert BOB.public.dh not in raw and CAROL.public.dh not in raw and msg_id not in raw
     assert conv.encode() not in raw
+
+
+def test_a_group_message_too_big_for_one_frame_is_refused_before_sealing(
+    db: Path, tmp_path: Path
+) -> None:
+    """63 copies of the largest padding bucket exceed one SendMulti frame: say how much fits."""
+    store = _store(db)
+    m = _messenger(store, tmp_path)
+    members = [keys.generate_identity(f"m{i}", os.urandom(64)).public for i in range(63)]
+    group = Conversation.with_peers(ALICE.public, members)
+    with pytest.raises(UsageError, match=r"at most \d+ bytes of text fit") as refused:
+        m.send_text(group, "x" * 16_000)
+    most = int(str(refused.value).split("at most ")[1].split()[0])
+    assert 10_000 < most < 16_000
+    m.send_text(group, "x" * most)  # exactly the limit is accepted (held: offline)
+    assert store.held_count() == 1
+    store.close()

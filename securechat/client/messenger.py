@@ -67,6 +67,7 @@ from securechat.errors import (
     StorageError,
     TransportError,
     TrustError,
+    UsageError,
 )
 
 __all__ = [  # the event types are re-exported for the shells that import them from here
@@ -94,6 +95,30 @@ PREKEY_PEERS: Final = "prekey_peers"  # meta blob: peers once seen with a bundle
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _frame_size(peers: int, padded: int) -> int:
+    """The largest SendMulti a message padded to ``padded`` bytes can make (all INITIAL)."""
+    copy = envelope.MAX_ENVELOPE_SIZE - envelope.PAD_BUCKETS[-1] + padded
+    return wire.HEADER_SIZE + wire.ID_SIZE + 2 + peers * (wire.MAILBOX_SIZE + 4 + copy)
+
+
+def _check_frame_size(conv: Conversation, content: envelope.Content, padded: int) -> None:
+    """Refuse, before sealing, a group message whose SendMulti would exceed the frame limit.
+
+    One frame carries every member's copy: 63 copies of the largest padding bucket
+    do not fit, 63 of the next smaller one do. Say how much text would.
+    """
+    if _frame_size(len(conv.peers), padded) <= wire.MAX_FRAME:
+        return
+    empty = envelope.Content(content.msg_id, content.sent_ms, "", content.group)
+    overhead = len(envelope.unpad(envelope.encode_content(empty)))
+    fits = [b for b in envelope.PAD_BUCKETS if _frame_size(len(conv.peers), b) <= wire.MAX_FRAME]
+    most = max(fits[-1] - 1 - overhead, 0) if fits else 0
+    raise UsageError(
+        f"message too long for a group of {len(conv.peers) + 1}: one frame carries every "
+        f"member's copy, so at most {most} bytes of text fit"
+    )
 
 
 class Messenger:
@@ -144,6 +169,9 @@ class Messenger:
         self._rejected_at: OrderedDict[bytes, float] = OrderedDict()
         self._held_notices: set[str] = set()
         self.synced = threading.Event()
+        # Messages the relay refused for good (TOO_LARGE): id -> its reason. They leave
+        # the outbox, so a command that sent them must say so instead of exiting 0.
+        self.refused: OrderedDict[bytes, str] = OrderedDict()
         self.fatal: SecureChatError | None = None
         # Why the last connection attempt failed (None once connected): lets commands
         # say "connection refused" at once instead of waiting out their timeout.
@@ -324,7 +352,8 @@ class Messenger:
                 self.peers.check(peer)
         msg_id = os.urandom(wire.ID_SIZE)
         content = envelope.Content(msg_id, _now_ms(), text, conv.group)
-        envelope.encode_content(content)  # too long or malformed: refused before anything
+        padded = len(envelope.encode_content(content))  # too long or malformed: refused here
+        _check_frame_size(conv, content, padded)
         with self._lock:
             queued_behind = self.store.held_count(conv.conv_id) > 0
         reason = "earlier messages to them are waiting" if queued_behind else None
@@ -377,11 +406,11 @@ class Messenger:
                     )
             self._send_now([frame])
 
-    def _send_now(self, frames: list[wire.Frame]) -> None:
+    def _send_now(self, frames: list[wire.Frame], *, receipts: bool = False) -> None:
         """Write frames if connected (under the lock, so order holds); else the outbox waits."""
         if self._tap is not None:
             for frame in frames:
-                self._tap("out", frame)
+                self._tap("receipt" if receipts else "out", frame)
         link = self._link
         if link is not None:
             with contextlib.suppress(TransportError):
@@ -687,7 +716,7 @@ class Messenger:
                     for msg_id, encoded in sealed:
                         self.store.outbox_add(msg_id, encoded, control=True)
                     self.store.receipts_done(item.seq for item in due)
-                self._send_now(frames)
+                self._send_now(frames, receipts=True)
 
     def _on_accepted(self, msg_id: bytes) -> None:
         with self._lock, self.store.transaction():
@@ -736,6 +765,7 @@ class Messenger:
         if frame.msg_id != wire.NO_ID and frame.code == wire.TOO_LARGE:
             with self._lock, self.store.transaction():
                 self.store.outbox_remove(frame.msg_id)
+                self._track(self.refused, frame.msg_id, frame.reason)
             self._emit(NoticeEvent(f"the relay refused a message as too large: {frame.reason}",
                                    error=True))
             return

@@ -27,7 +27,7 @@ from securechat.client.messenger import (
     NoticeEvent,
 )
 from securechat.encoding import fingerprint
-from securechat.errors import DeliveryTimeoutError, UsageError
+from securechat.errors import DeliveryTimeoutError, RelayError, UsageError
 from securechat.ui import format as fmt
 from securechat.ui.format import json_line, pipe_line
 
@@ -83,10 +83,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         for peer in peers:  # a changed key is refused before anything else (trust on first use)
             messenger.peers.check(peer)
         app.wait_for_relay(messenger, what=NOTHING_SENT + _earlier(messenger))
-        for text in texts:
-            messenger.send_text(conv, text)
+        sent = [messenger.send_text(conv, text) for text in texts]
         if not messenger.wait_all_accepted(args.timeout):
             _raise_not_accepted(messenger, args.timeout)
+        refused = [messenger.refused[m] for m in sent if m in messenger.refused]
+        if refused:
+            raise RelayError(
+                f"the relay refused {len(refused)} of {len(sent)} message(s) for good "
+                f"({refused[0]}); they were not delivered and are not queued"
+            )
     return 0
 
 

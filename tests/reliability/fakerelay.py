@@ -56,6 +56,7 @@ class FakeRelay:
         self.attack_rate = attack_rate
         # Lies a malicious relay can tell (issue 11 items 11 and 12), off by default:
         self.claim_delivered = False  # answer Accepted(2) for every Send and drop it
+        self.refuse_too_large = False  # answer Error(TOO_LARGE) for every Send
         self.withhold_bundles: set[bytes] = set()  # identity keys answered "no bundle"
         self.corrupt_next: set[bytes] = set()  # senders whose next frame arrives broken, alone
         self.attack_only: bytes | None = None  # if set, frames of other senders pass untouched
@@ -146,7 +147,9 @@ class FakeRelay:
         name = type(frame).__name__
         with self._lock:
             self.received[name] = self.received.get(name, 0) + 1
-        if isinstance(frame, wire.Send) and self.claim_delivered:
+        if isinstance(frame, wire.Send) and self.refuse_too_large:
+            c.send([wire.Error(wire.TOO_LARGE, frame.msg_id, "payload too large")])
+        elif isinstance(frame, wire.Send) and self.claim_delivered:
             c.send([wire.Accepted(frame.msg_id, wire.STATUS_DELIVERED)])  # and drop it
         elif isinstance(frame, wire.Send):
             self._route(c.key, frame.msg_id, frame.mailbox, frame.payload)

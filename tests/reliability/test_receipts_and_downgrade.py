@@ -276,3 +276,16 @@ def test_a_dying_network_thread_fails_the_command(
                      "--relay-key", str(relay_pub), "--timeout", "3"])
     assert code == 11
     assert "network thread failed" in capsys.readouterr().err
+
+
+def test_send_fails_when_the_relay_refuses_a_message_for_good(
+    sc_home: Path, relay: FakeRelay, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_identities(sc_home, "alice", "bob")
+    relay_pub = sc_home / "relay.pub"
+    relay_pub.write_text(encoding.encode_token("screlay1", relay.public) + "\n")
+    relay.refuse_too_large = True
+    code = cli.main(["send", "--key", "alice", "--peer", "bob", "--relay", relay.address,
+                     "--relay-key", str(relay_pub), "-m", "refused", "--timeout", "5"])
+    assert code == 8, capsys.readouterr().err
+    assert "refused 1 of 1 message(s) for good" in capsys.readouterr().err
