@@ -63,7 +63,7 @@ MAILBOX_CACHE: Final = 65536  # identities whose mailbox address is kept (~100 b
 T_SEND: Final = 0x10
 T_SEND_MULTI: Final = 0x11
 T_ACCEPTED: Final = 0x12
-T_DELIVERED: Final = 0x13
+T_DELIVERED: Final = 0x13  # deprecated: no longer sent by the relay, still decodable
 T_DELIVER: Final = 0x20
 T_ACK: Final = 0x21
 T_SYNCED: Final = 0x22
@@ -90,7 +90,11 @@ STORE_FAILED: Final = 5  # the sender must keep the message and retry
 NOT_AUTHORISED: Final = 6
 TOO_MANY_CONNECTIONS: Final = 7
 SERVER_SHUTDOWN: Final = 8
-ERROR_CODES: Final = frozenset(range(BAD_FRAME, SERVER_SHUTDOWN + 1))
+# A newer connection of the same identity took over; the old one is closed after this.
+# A client must not reconnect automatically on it (its other instance would be replaced
+# in turn: two clients evicting each other forever).
+REPLACED: Final = 9
+ERROR_CODES: Final = frozenset(range(BAD_FRAME, REPLACED + 1))
 ERROR_NAMES: Final = {
     BAD_FRAME: "BAD_FRAME",
     TOO_LARGE: "TOO_LARGE",
@@ -100,6 +104,7 @@ ERROR_NAMES: Final = {
     NOT_AUTHORISED: "NOT_AUTHORISED",
     TOO_MANY_CONNECTIONS: "TOO_MANY_CONNECTIONS",
     SERVER_SHUTDOWN: "SERVER_SHUTDOWN",
+    REPLACED: "REPLACED",
 }
 NO_ID: Final = bytes(ID_SIZE)
 
@@ -161,7 +166,12 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """R>C: receipt, the recipient's device acknowledged ``msg_id`` (best effort)."""
+    """R>C, deprecated: the relay's receipt for one recipient's copy.
+
+    The relay no longer sends it: "delivered to the peer's device" comes from the
+    recipient's end-to-end encrypted receipt, which a relay cannot forge. The type
+    stays decodable so that a client talking to an older relay still parses it.
+    """
 
     msg_id: bytes
     mailbox: bytes
@@ -479,7 +489,7 @@ def encode_accepted(msg_id: bytes, status: int) -> bytes:
 
 
 def encode_delivered(msg_id: bytes, mailbox: bytes) -> bytes:
-    """``encode(Delivered(msg_id, mailbox))`` from fields of known sizes (relay hot path)."""
+    """``encode(Delivered(msg_id, mailbox))`` from fields of known sizes (deprecated frame)."""
     return _DELIVERED_PREFIX + msg_id + mailbox
 
 
