@@ -122,8 +122,14 @@ class RelayLink:
         *,
         pinned_key: bytes | None = None,
         timeout: float = CONNECT_TIMEOUT,
+        sign_public: bytes = b"",
     ) -> RelayLink:
-        """Connect and run the Noise XX handshake; check the relay key against the pin."""
+        """Connect and run the Noise XX handshake; check the relay key against the pin.
+
+        ``sign_public``: our 32-byte Ed25519 public key, sent as the message-3 payload
+        (encrypted, after the relay proved its key) so the relay's logs show the
+        identity fingerprint users see (protocol 2); empty sends nothing, as before.
+        """
         host, port = parse_address(address)
         expected = pinned_key if pinned_key is not None else known.lookup(address)
 
@@ -136,7 +142,8 @@ class RelayLink:
                 )
 
         conn = noise.NoiseConnection(
-            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify
+            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify,
+            payload=sign_public,
         )
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
