@@ -93,6 +93,7 @@ class Relay:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
+        self._started = False
         self._listener = bind_listener(config.host, config.port)
         self._lock_file: IO[str] | None = None
         self._store_db: st.MailboxStore | None = None
@@ -110,7 +111,6 @@ class Relay:
         self._ctx = RelayContext(config, self.router, self.store, self.private)
         self.workers = [Worker(i, self._ctx) for i in range(max(config.workers, 1))]
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self._started = False
         self._next_report = 0.0
 
     def start(self) -> None:
