@@ -318,3 +318,56 @@ def test_prekey_count_follows_publish_take_and_rollback(tmp_path: Path) -> None:
     assert store.otk_counts[alice] == 2
     reopened = make_store(tmp_path)
     assert reopened.otk_counts[alice] == 2
+
+
+# The version 2 schema exactly as relays before schema 3 created it (the migration input).
+V2_SCHEMA = """
+CREATE TABLE parties(id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE);
+CREATE TABLE frames(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    mailbox INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
+    msg_id BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    UNIQUE(mailbox, sender, msg_id)
+);
+CREATE INDEX frames_by_mailbox ON frames(mailbox, seq);
+CREATE INDEX frames_by_expiry ON frames(expires);
+CREATE TABLE signed_prekeys(identity BLOB PRIMARY KEY, spk BLOB NOT NULL);
+CREATE TABLE one_time_prekeys(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity BLOB NOT NULL,
+    otk BLOB NOT NULL
+);
+CREATE INDEX otks_by_identity ON one_time_prekeys(identity, id);
+"""
+
+
+def test_migrates_v2_keeping_frames_and_marking_known_mailboxes(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / store_mod.DB_FILE, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(f"BEGIN; {V2_SCHEMA} PRAGMA user_version=2; COMMIT;")
+    db.execute("INSERT INTO parties(id, key) VALUES (1, ?), (2, ?)", (key("box"), key("snd")))
+    for i in range(3):
+        db.execute("INSERT INTO frames(mailbox, sender, msg_id, ts, expires, payload)"
+                   " VALUES (1, 2, ?, 1000, ?, ?)", (mid(i), 1000 + TTL_MS, b"p%d" % i))
+    db.execute("INSERT INTO signed_prekeys VALUES (?, ?)", (key("ident"), b"spk"))
+    db.close()
+    s = make_store(tmp_path, ttl=TTL_MS / 1000)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 3
+    got = [bytes(r[2]) for r in s.fetch(key("box"), 0, 10, now_ms=1000)]
+    assert got == [mid(0), mid(1), mid(2)]
+    assert s.usage[key("box")] == [3, 6]
+    assert s.is_known(key("box"))  # it held frames: nobody's frames get a shorter life
+    assert s.is_known(wire.mailbox_address(key("ident")))  # it published prekeys
+    assert not s.is_known(key("stranger"))
+    assert s.db.execute("SELECT count(*) FROM frames WHERE origin != 0").fetchone()[0] == 0
+    assert s.delete(key("box"), key("snd"), mid(0))
+    assert s.insert(key("box"), key("snd"), mid(9), 2000, b"q", force=False,
+                    origin=b"127.0.0.0/24") == store_mod.INSERTED
+    s.close()
+    again = make_store(tmp_path, ttl=TTL_MS / 1000)
+    assert again.origin_usage == {again._party(b"127.0.0.0/24", create=False): 1}
+    again.close()
