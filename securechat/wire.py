@@ -698,15 +698,20 @@ def check_length(length: int) -> None:
         raise FrameTooLargeError(f"frame length {length} exceeds the {MAX_FRAME}-byte limit")
 
 
-def _parse(data: bytes) -> tuple[list[Frame], int, int]:
-    """Parse every complete frame; return (frames, bytes consumed, bytes needed next)."""
+def _parse(data: bytes, limit: int = 0) -> tuple[list[Frame], int, int]:
+    """Parse every complete frame; return (frames, bytes consumed, bytes needed next).
+
+    With ``limit``, stop after the frame that reaches ``limit`` bytes consumed (the
+    rest, complete frames included, is left for the next call).
+    """
     frames: list[Frame] = []
     pos = 0
     n = len(data)
+    n_stop = limit if limit and limit < n else n
     unpack_length = _U32.unpack_from
     decoders = _DECODERS
     append = frames.append
-    while n - pos >= LENGTH_SIZE:
+    while n - pos >= LENGTH_SIZE and pos < n_stop:
         (length,) = unpack_length(data, pos)
         check_length(length)
         end = pos + LENGTH_SIZE + length
@@ -730,6 +735,11 @@ class FrameDecoder:
     Bytes are only buffered while a frame is incomplete, and a frame is only
     reassembled (one copy) when its last byte has arrived, so a 1 MiB frame
     arriving in small records costs O(size), not O(size^2).
+
+    ``feed(data, limit)`` decodes only about ``limit`` bytes of frames and keeps the
+    rest undecoded (``more`` is then true; ``feed(b"", limit)`` continues): the relay
+    decodes a bounded amount per connection per turn, so one client's large read
+    cannot monopolise a turn, and frames it must hold stay compact bytes.
     """
 
     __slots__ = ("_buf", "_failed", "_need")
@@ -745,12 +755,19 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an incomplete frame (for memory accounting)."""
+        """Bytes held undecoded: an incomplete frame, or frames left by a ``limit``."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    @property
+    def more(self) -> bool:
+        """True when buffered bytes may already hold a complete frame (``limit`` stopped)."""
+        return len(self._buf) >= self._need
+
+    def feed(self, data: bytes, limit: int = 0) -> list[Frame]:
         """Return the frames completed by ``data`` ([] means: need more data).
 
+        ``limit`` (0: none): stop decoding once about that many bytes of frames are
+        decoded; the rest waits in the buffer (see ``more``).
         Raises FrameError at the first rule broken; frames decoded earlier in
         the same chunk are then discarded with the connection.
         """
@@ -766,7 +783,7 @@ class FrameDecoder:
             data = bytes(buf)
             buf.clear()
         try:
-            frames, pos, need = _parse(data)
+            frames, pos, need = _parse(data, limit)
         except FrameError:
             self._failed = True
             raise

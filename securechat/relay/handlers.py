@@ -161,10 +161,9 @@ def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> Wait:
     mailbox = conn.mailbox
     assert mailbox is not None
     entries = f.entries
-    extra = len(entries) // ACK_ENTRIES_PER_COST  # each entry is a look-up: pay for it
-    if extra and not conn.bucket_frames.take(extra, w.now):
-        w.close(conn, "rate limit exceeded (acknowledgements)", (wire.RATE_LIMITED, wire.NO_ID))
-        return None
+    extra = len(entries) // ACK_ENTRIES_PER_COST  # each entry is decoded and looked up
+    if extra:
+        w.charge_frames(conn, extra)
     inflight = conn.inflight
     sent_stored = conn.sent_stored
     acked: list[bytes] = []

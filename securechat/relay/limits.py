@@ -17,6 +17,9 @@ DEFAULT_PORT: Final = 5050
 DEFAULT_DATA_DIR: Final = "relay-data"
 DEFAULT_WORKERS: Final = 1  # I/O worker threads, each a selectors loop (see docs/performance.md)
 RECV_SIZE: Final = 256 * 1024  # one recv() per readable event
+# Bytes of frames decoded per connection per loop turn (the rest waits, undecoded): one
+# client's 256 KiB read cannot take a whole turn, and frames held for a budget stay bounded.
+DECODE_LIMIT: Final = 64 * 1024
 LISTEN_BACKLOG: Final = 4096
 
 # --- connection admission and hostile peers ------------------------------------------------
@@ -39,9 +42,13 @@ DEFAULT_RATE_FRAMES: Final = 20_000.0  # frame cost per second per connection, s
 DEFAULT_BURST_FRAMES: Final = 40_000.0
 DEFAULT_RATE_BYTES: Final = 64.0 * 1024 * 1024  # bytes per second, sustained
 DEFAULT_BURST_BYTES: Final = 64.0 * 1024 * 1024
-# Per-connection frame cost of an Ack grows with its entries (each one is a look-up):
-# an Ack of n entries costs 1 + n // ACK_ENTRIES_PER_COST.
-ACK_ENTRIES_PER_COST: Final = 32
+# Per-connection frame cost of an Ack grows with its entries (each is decoded and looked
+# up: about a frame's work per 4): an Ack of n entries costs 1 + n // ACK_ENTRIES_PER_COST.
+ACK_ENTRIES_PER_COST: Final = 4
+# A new connection starts with this much of its frame budget and earns the rest at
+# --rate-frames: reconnecting must not buy a fresh burst (an honest client's first
+# second, its outbox resent, needs far less).
+INITIAL_FRAME_ALLOWANCE: Final = 2_000.0
 
 # --- partially received frames (memory an unauthenticated or slow peer makes us hold) ------
 DEFAULT_PARTIAL_BYTES: Final = 64 * 1024 * 1024  # all connections together
@@ -186,10 +193,12 @@ class TokenBucket:
 
     __slots__ = ("_last", "_rate", "_size", "_tokens")
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
+    def __init__(
+        self, rate: float, burst: float, now: float, initial: float | None = None
+    ) -> None:
         self._rate = rate
         self._size = burst
-        self._tokens = burst
+        self._tokens = burst if initial is None else min(initial, burst)
         self._last = now
 
     def take(self, cost: float, now: float) -> bool:
@@ -202,6 +211,16 @@ class TokenBucket:
             return False
         self._tokens = tokens - cost
         return True
+
+    def charge(self, cost: float, now: float) -> float:
+        """Take ``cost`` even if it is not there (a debt); return the seconds until the
+        balance is back to zero (0.0 if there was enough)."""
+        tokens = min(self._tokens + (now - self._last) * self._rate, self._size) - cost
+        self._tokens = tokens
+        self._last = now
+        if tokens >= 0:
+            return 0.0
+        return -tokens / self._rate if self._rate > 0 else float("inf")
 
     def wait(self, cost: float, now: float) -> float:
         """Seconds until ``cost`` tokens are there (0.0: available now); takes nothing."""

@@ -16,7 +16,11 @@ bytes wait in the kernel: its output is above the high-water mark (B_OUT); the
 store's queue is too long (B_STORE, every connection); it has too many store
 requests of its own outstanding (B_CONN_STORE); a frame of an expensive type is
 over its shared budget (B_HOLD: the frame and those after it wait, in order,
-until the budget allows; see ``guard.Budgets``).
+until the budget allows; see ``guard.Budgets``); it spent beyond its frame
+budget (B_DEBT: frames already read are handled, and reading waits until the
+budget is back above zero); frames it sent earlier still wait to be decoded
+(B_BACKLOG: at most ``DECODE_LIMIT`` bytes of frames are decoded per connection
+per loop turn, so a large read cannot monopolise a turn).
 
 A recipient connection's delivery mode (see ``docs/protocol.md`` section 3.3)::
 
@@ -50,9 +54,11 @@ from securechat.relay import handlers
 from securechat.relay import store as st
 from securechat.relay.guard import Admission, Budgets, PartialBytes, prefix_of
 from securechat.relay.limits import (
+    DECODE_LIMIT,
     FETCH_BATCH,
     FETCH_BYTES,
     HOLD_MAX_S,
+    INITIAL_FRAME_ALLOWANCE,
     MAX_CONN_STORE_REQUESTS,
     OUT_HARD_LIMIT,
     RECV_SIZE,
@@ -86,8 +92,11 @@ B_OUT: Final = 1  # its output is above the high-water mark (it does not read)
 B_STORE: Final = 2  # the store thread's queue is above its high-water mark
 B_CONN_STORE: Final = 4  # it has MAX_CONN_STORE_REQUESTS store requests outstanding
 B_HOLD: Final = 8  # a frame waits for its shared budget (guard.Budgets)
+B_DEBT: Final = 16  # it spent more than its frame budget: not read until it is paid back
+B_BACKLOG: Final = 32  # decoded frames wait in its decoder: decode those before reading more
 # Blocks during which we are the ones not reading: no idle timeout then.
-_UNREAD: Final = B_STORE | B_CONN_STORE | B_HOLD
+_UNREAD: Final = B_STORE | B_CONN_STORE | B_HOLD | B_DEBT | B_BACKLOG
+
 # The message-3 payload a client may send: nothing (older clients) or its Ed25519 key.
 ED25519_KEY_SIZE: Final = 32
 # Log label of a client that did not send its signing key: its X25519 key's fingerprint,
@@ -127,6 +136,7 @@ class Conn:
         "bucket_frames",
         "cursor",
         "deadline",
+        "debt_until",
         "decoder",
         "dirty",
         "fetching",
@@ -187,9 +197,12 @@ class Conn:
         self.store_out = 0  # store requests posted for it and not answered yet
         self.held_frames: list[wire.Frame] | None = None  # frames waiting for a budget
         self.hold_until = 0.0
+        self.debt_until = 0.0
         self.partial = 0  # bytes held for an incomplete record or frame
         self.frame_at = now  # when a frame last completed (the frame deadline)
-        self.bucket_frames = TokenBucket(cfg.rate_frames, cfg.burst_frames, now)
+        self.bucket_frames = TokenBucket(
+            cfg.rate_frames, cfg.burst_frames, now, INITIAL_FRAME_ALLOWANCE
+        )
         self.bucket_bytes = TokenBucket(cfg.rate_bytes, cfg.burst_bytes, now)
         self.inflight: dict[tuple[bytes, bytes], Inflight] = {}
         self.inflight_bytes = 0
@@ -244,6 +257,8 @@ class Worker:
         self.inflight_bytes = 0
         self.paused: set[Conn] = set()  # not read while the store's queue is too long
         self.held: set[Conn] = set()  # holding frames until their budget allows (B_HOLD)
+        self.indebted: set[Conn] = set()  # over their frame budget (B_DEBT)
+        self.backlog: set[Conn] = set()  # frames left undecoded by DECODE_LIMIT (B_BACKLOG)
         self.partials: set[Conn] = set()  # holding a partial record or frame
         # One receive buffer per worker: ``recv(256 KiB)`` would allocate (mmap) and
         # free 256 KiB per call, about 13 us here; ``recv_into`` + copy of what came: 2 us.
@@ -277,7 +292,7 @@ class Worker:
     def _run(self) -> None:
         self._tid = threading.get_ident()
         while True:
-            timeout = 0.0 if (self._local or self._queue) else TICK_S
+            timeout = 0.0 if (self._local or self._queue or self.backlog) else TICK_S
             try:
                 events = self.sel.select(timeout)
             except OSError as exc:  # pragma: no cover - selector broken: nothing sane left
@@ -301,6 +316,8 @@ class Worker:
                         self._on_writable(conn)
                 except Exception:
                     self._internal_error(conn)
+            if self.backlog:
+                self._decode_backlog()
             self._run_callbacks()
             self._timers()
             self._flush_dirty()
@@ -402,6 +419,8 @@ class Worker:
         self.awaiting.discard(conn)
         self.paused.discard(conn)
         self.held.discard(conn)
+        self.indebted.discard(conn)
+        self.backlog.discard(conn)
         conn.held_frames = None
         if conn.partial:
             self.partials.discard(conn)
@@ -468,11 +487,11 @@ class Worker:
                 self.close(conn, "link record failed authentication")
                 return
             if plain:
-                self._plaintext(conn, plain)
+                self._decode(conn, plain)
         if conn.state != CLOSED:
             held = conn.noise.buffered + conn.decoder.buffered
             if held or conn.partial:
-                self._track_partial(conn, held)
+                self._track_partial(conn, held + (DECODE_LIMIT if conn.held_frames else 0))
 
     def _track_partial(self, conn: Conn, held: int) -> None:
         """Account the bytes ``conn`` holds for an incomplete record or frame (guard)."""
@@ -503,22 +522,56 @@ class Worker:
         if events and conn.state == HANDSHAKE:
             self._authenticated(conn, events[0])
             if plain and conn.state == OPEN:
-                self._plaintext(conn, plain)
+                self._decode(conn, plain)
 
-    def _plaintext(self, conn: Conn, plain: bytes) -> None:
+    def _decode(self, conn: Conn, plain: bytes) -> None:
+        """Decode up to DECODE_LIMIT bytes of frames, charge them, handle them in order."""
+        decoder = conn.decoder
         try:
-            frames = conn.decoder.feed(plain)
+            frames = decoder.feed(plain, DECODE_LIMIT)
         except FrameError as exc:
             code = wire.TOO_LARGE if isinstance(exc, FrameTooLargeError) else wire.BAD_FRAME
             self.close(conn, f"bad frame: {exc}", (code, wire.NO_ID))
             return
-        if not frames:
+        if frames:
+            conn.frame_at = self.now
+            self.charge_frames(conn, len(frames))
+            self._run_frames(conn, frames)
+            if conn.state != OPEN:
+                return
+        if decoder.more:
+            if conn not in self.backlog:
+                self.backlog.add(conn)
+                self._block(conn, B_BACKLOG)
+        elif conn.blocks & B_BACKLOG:
+            self.backlog.discard(conn)
+            self._unblock(conn, B_BACKLOG)
+
+    def _decode_backlog(self) -> None:
+        """Next turn's share for each connection with frames left undecoded."""
+        for conn in list(self.backlog):
+            if conn.state != OPEN:
+                self.backlog.discard(conn)
+            elif conn.held_frames is None:  # a held connection continues once released
+                self._guard(conn, self._decode, conn, b"")
+
+    def charge_frames(self, conn: Conn, cost: float) -> None:
+        """Charge ``cost`` to the connection's frame budget; beyond it, stop reading
+        until the debt is paid back (frames already read are still handled)."""
+        bucket = conn.bucket_frames
+        now = self.now
+        if bucket.take(cost, now):
             return
-        conn.frame_at = self.now
-        if not conn.bucket_frames.take(len(frames), self.now):
-            self.close(conn, "rate limit exceeded (frames)", (wire.RATE_LIMITED, wire.NO_ID))
-            return
-        self._run_frames(conn, frames)
+        debt = bucket.charge(cost, now)
+        conn.debt_until = now + debt
+        if conn not in self.indebted:
+            self.indebted.add(conn)
+            self._block(conn, B_DEBT)
+
+    def _release_debts(self, now: float) -> None:
+        for conn in [c for c in self.indebted if c.debt_until <= now]:
+            self.indebted.discard(conn)
+            self._unblock(conn, B_DEBT)
 
     def _run_frames(self, conn: Conn, frames: list[wire.Frame]) -> None:
         """Handle frames in order; a handler that returns a wait holds it and the rest."""
@@ -555,6 +608,9 @@ class Worker:
             self._guard(conn, self._run_frames, conn, frames)
             if conn.held_frames is None and conn.state == OPEN:
                 self._unblock(conn, B_HOLD)
+                if conn.decoder.more:  # what arrived behind the held frames
+                    self.backlog.add(conn)
+                    self._block(conn, B_BACKLOG)
 
     def _authenticated(self, conn: Conn, event: HandshakeComplete) -> None:
         identity = event.remote_static
@@ -712,6 +768,8 @@ class Worker:
             self._resume_all()
         if self.held:
             self._release_holds(now)
+        if self.indebted:
+            self._release_debts(now)
         if now >= self._next_inflight:  # ack deadlines are seconds: no need to look every turn
             self._next_inflight = now + _INFLIGHT_CHECK_S
             for conn in list(self.awaiting):
