@@ -550,9 +550,9 @@ class Worker:
     def _decode_backlog(self) -> None:
         """Next turn's share for each connection with frames left undecoded."""
         for conn in list(self.backlog):
-            if conn.state != OPEN:
-                self.backlog.discard(conn)
-            elif conn.held_frames is None:  # a held connection continues once released
+            if conn.state != OPEN or conn.held_frames is not None:
+                self.backlog.discard(conn)  # a held connection continues once released
+            else:
                 self._guard(conn, self._decode, conn, b"")
 
     def charge_frames(self, conn: Conn, cost: float) -> None:
@@ -597,6 +597,7 @@ class Worker:
         conn.held_frames = frames
         conn.hold_until = self.now + min(wait, HOLD_MAX_S)
         self.held.add(conn)
+        self.backlog.discard(conn)  # its undecoded rest waits for the release too
         self._block(conn, B_HOLD)
 
     def _release_holds(self, now: float) -> None:
@@ -607,10 +608,12 @@ class Worker:
                 continue
             self._guard(conn, self._run_frames, conn, frames)
             if conn.held_frames is None and conn.state == OPEN:
-                self._unblock(conn, B_HOLD)
                 if conn.decoder.more:  # what arrived behind the held frames
                     self.backlog.add(conn)
                     self._block(conn, B_BACKLOG)
+                else:
+                    conn.blocks &= ~B_BACKLOG
+                self._unblock(conn, B_HOLD)
 
     def _authenticated(self, conn: Conn, event: HandshakeComplete) -> None:
         identity = event.remote_static
