@@ -94,6 +94,7 @@ RESERVE_FILE: Final = "relay.reserve"
 # and the WAL checkpoint that frees space can still be written.
 RESERVE_BYTES: Final = 128 * 1024
 SPACE_CHECK_S: Final = 0.5  # how often a store in low-space mode retries the reserve
+KNOWN_FLUSH_S: Final = 1.0  # how often newly connected identities are recorded as known
 FAILED: Final = 4
 # Chosen: party ids kept in memory (32-byte key -> int); past it the cache starts over.
 MAX_CACHED_PARTIES: Final = 1 << 18
@@ -196,6 +197,10 @@ class MailboxStore:
             "SELECT mailbox FROM known_mailboxes LIMIT ?", (KNOWN_MAILBOX_CACHE,)
         )
         self.known: dict[bytes, None] = {bytes(mb): None for (mb,) in rows}
+        # Mailboxes whose identity connected and that are not recorded yet: workers add
+        # (StoreThread.note_known), the store thread records them in one transaction
+        # every KNOWN_FLUSH_S, so a burst of new identities costs one commit, not one each.
+        self.pending_known: set[bytes] = set()
 
     def _setup(self) -> None:
         db = self.db
@@ -360,7 +365,7 @@ class MailboxStore:
     # --- known mailboxes -----------------------------------------------------------------------
     def is_known(self, mailbox: bytes) -> bool:
         """Has the identity of ``mailbox`` ever connected (or is it recorded as such)?"""
-        if mailbox in self.known:
+        if mailbox in self.known or mailbox in self.pending_known:
             return True
         row = self.db.execute(
             "SELECT 1 FROM known_mailboxes WHERE mailbox=?", (mailbox,)
@@ -668,6 +673,7 @@ class StoreThread:
         self._thread = threading.Thread(target=self._run, name="relay-store", daemon=True)
         self._next_purge = 0.0
         self._next_space_check = 0.0
+        self._next_known_flush = 0.0
         self.batches = 0  # for tests and the benchmark: commits so far
         # Cost of the requests queued but not yet committed (payload bytes plus
         # STORE_REQUEST_COST each, so a request without payload is not free), changed
@@ -730,9 +736,31 @@ class StoreThread:
         return self._store.otk_counts.get(identity, 0)
 
     def is_known(self, mailbox: bytes) -> bool:
-        """From a worker: is ``mailbox`` in the cache of known mailboxes? (False: ask the
-        store, which records it if needed.)"""
-        return mailbox in self._store.known
+        """From a worker: is ``mailbox`` in the cache of known mailboxes (or about to be)?"""
+        store = self._store
+        return mailbox in store.known or mailbox in store.pending_known
+
+    def note_known(self, mailbox: bytes) -> None:
+        """From a worker: ``mailbox``'s identity connected; recorded within KNOWN_FLUSH_S."""
+        self._store.pending_known.add(mailbox)
+
+    def _flush_known(self) -> None:
+        """Record the mailboxes noted since the last flush, in one transaction."""
+        store = self._store
+        if not store.pending_known:
+            return
+        noted = list(store.pending_known)
+        db = store.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for mailbox in noted:
+                store.mark_known(mailbox)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("recording %d known mailboxes failed: %s", len(noted), exc)
+            self._rollback()
+            return
+        store.pending_known.difference_update(noted)
 
     def stop(self) -> None:
         """Finish every queued request, then close the database."""
@@ -743,7 +771,7 @@ class StoreThread:
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=1.0)
+                first = self._queue.get(timeout=KNOWN_FLUSH_S)
             except queue.Empty:
                 first = _NOTHING
             batch: list[Request] = []
@@ -766,10 +794,15 @@ class StoreThread:
                     self._run_batch(batch)
             except Exception:  # never let the store thread die: log and go on
                 log.exception("store thread error")
+        with contextlib.suppress(Exception):
+            self._flush_known()
         self._store.close()
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
+        if now >= self._next_known_flush:
+            self._next_known_flush = now + KNOWN_FLUSH_S
+            self._flush_known()
         if self._store.low_space and now >= self._next_space_check:
             self._next_space_check = now + SPACE_CHECK_S
             self._reclaim_wal()

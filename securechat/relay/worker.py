@@ -488,10 +488,11 @@ class Worker:
                 return
             if plain:
                 self._decode(conn, plain)
-        if conn.state != CLOSED:
+        if (conn.partial or conn.noise.buffered or conn.decoder.buffered) and (
+            conn.state != CLOSED
+        ):
             held = conn.noise.buffered + conn.decoder.buffered
-            if held or conn.partial:
-                self._track_partial(conn, held + (DECODE_LIMIT if conn.held_frames else 0))
+            self._track_partial(conn, held + (DECODE_LIMIT if conn.held_frames else 0))
 
     def _track_partial(self, conn: Conn, held: int) -> None:
         """Account the bytes ``conn`` holds for an incomplete record or frame (guard)."""
@@ -534,8 +535,9 @@ class Worker:
             self.close(conn, f"bad frame: {exc}", (code, wire.NO_ID))
             return
         if frames:
-            conn.frame_at = self.now
-            self.charge_frames(conn, len(frames))
+            now = conn.frame_at = self.now
+            if not conn.bucket_frames.take(len(frames), now):  # (the common case inline)
+                self.charge_frames(conn, len(frames))
             self._run_frames(conn, frames)
             if conn.state != OPEN:
                 return
@@ -632,9 +634,13 @@ class Worker:
         )
         log.info("authenticated %s from %s", conn.fp, conn.addr)
         store = self.ctx.store
-        if not store.is_known(conn.mailbox):
-            mailbox = conn.mailbox
-            store.put(st.Request(op=lambda s, now: s.mark_known(mailbox), poster=None, fn=None))
+        mailbox = conn.mailbox
+        if not store.is_known(mailbox):  # its identity's first connection (since a restart)
+            if store.may_hold(mailbox):  # frames wait with a short life: extend them now
+                store.put(st.Request(op=lambda db, now: db.mark_known(mailbox), poster=None,
+                                     fn=None))
+            else:  # recorded within a second, in one batch with others: not a write each
+                store.note_known(mailbox)
         conn.fetching = True
         old = self.ctx.router.register(conn, lambda: self._first_sync(conn))
         if old is not None:
