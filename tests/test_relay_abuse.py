@@ -485,6 +485,25 @@ def test_oldest_unfinished_handshake_is_evicted_first(tmp_path: Path) -> None:
         assert relay.stop()[0] == 0
 
 
+def test_eviction_takes_from_the_network_holding_the_most(tmp_path: Path) -> None:
+    """An honest client's half-open connection, even the oldest, is not the one evicted
+    while another network holds more of the unfinished handshakes."""
+    relay = RelayProcess.start(tmp_path, "--max-handshakes", "10")
+    socks = []
+    try:
+        honest = _raw(relay, "127.97.1.1")
+        time.sleep(0.05)
+        socks = [_raw(relay, f"127.97.2.{i + 1}") for i in range(20)]
+        time.sleep(0.3)
+        assert not _is_closed(honest, 0.1)
+        assert sum(1 for s in socks if _is_closed(s, 0.05)) == 11  # 1 + 20 - 10
+        honest.close()
+    finally:
+        for s in socks:
+            s.close()
+        assert relay.stop()[0] == 0
+
+
 def test_unfinished_handshakes_limited_per_network(relay: RelayProcess) -> None:
     socks = [_raw(relay, f"127.93.0.{i + 1}") for i in range(40)]
     try:

@@ -152,11 +152,14 @@ class Admission(Generic[K]):
     1. the prefix's accept rate (a token bucket) must allow it;
     2. per address and per prefix caps on open connections;
     3. unfinished handshakes: at most ``max_handshakes_per_prefix`` per prefix (the
-       newcomer is refused) and ``max_handshakes`` in all (the *oldest* unfinished
-       one is evicted to make room: a flood of half-open connections cannot keep an
-       honest client out, it only churns through its own slots);
-    4. the global cap: when full, the oldest unfinished handshake is evicted, and if
-       there is none the newcomer is refused.
+       newcomer is refused) and ``max_handshakes`` in all: then the *oldest* unfinished
+       one of the prefix that holds the most of them is evicted to make room. A flood
+       of half-open connections cannot keep an honest client out, it only churns
+       through its own slots; and an honest client's handshake (one round trip, from
+       a network holding one or two) is not the one evicted, however fast attackers
+       on many networks churn (the globally oldest would be, within ~0.1 s);
+    4. the global cap: when full, an unfinished handshake is evicted the same way,
+       and if there is none the newcomer is refused.
 
     ``admit`` returns a refusal reason (or None) and the connections to evict; the
     caller closes those on their own threads. ``handshake_done`` and ``release``
@@ -170,14 +173,15 @@ class Admission(Generic[K]):
         self.total = 0
         self._per_ip: dict[str, int] = {}
         self._per_prefix: dict[str, int] = {}
-        self._half_open: OrderedDict[K, str] = OrderedDict()
-        self._half_per_prefix: dict[str, int] = {}
+        # unfinished handshakes: per prefix, oldest first
+        self._half_open: dict[str, OrderedDict[K, None]] = {}
+        self._half_of: dict[K, str] = {}
         self.refused: dict[str, int] = {}  # reason -> count since last report
         self.evicted = 0
 
     @property
     def handshakes(self) -> int:
-        return len(self._half_open)
+        return len(self._half_of)
 
     def admit(self, conn: K, ip: str, prefix: str, now: float) -> tuple[str | None, list[K]]:
         cfg = self._config
@@ -189,14 +193,14 @@ class Admission(Generic[K]):
                 reason = "connections from its address"
             elif self._per_prefix.get(prefix, 0) >= cfg.max_per_prefix:
                 reason = "connections from its network"
-            elif self._half_per_prefix.get(prefix, 0) >= cfg.max_handshakes_per_prefix:
+            elif len(self._half_open.get(prefix, ())) >= cfg.max_handshakes_per_prefix:
                 reason = "unfinished handshakes from its network"
             victims: list[K] = []
             if reason is None:
-                over = len(self._half_open) + 1 - cfg.max_handshakes
+                over = len(self._half_of) + 1 - cfg.max_handshakes
                 over = max(over, self.total + 1 - cfg.max_connections)
-                while over > 0 and self._half_open:
-                    victims.append(self._evict_oldest())
+                while over > 0 and self._half_of:
+                    victims.append(self._evict())
                     over -= 1
                 if over > 0:
                     reason = "connection cap"
@@ -206,27 +210,34 @@ class Admission(Generic[K]):
             self.total += 1
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
-            self._half_open[conn] = prefix
-            self._half_per_prefix[prefix] = self._half_per_prefix.get(prefix, 0) + 1
+            self._half_open.setdefault(prefix, OrderedDict())[conn] = None
+            self._half_of[conn] = prefix
             return None, victims
 
-    def _evict_oldest(self) -> K:
-        conn, prefix = self._half_open.popitem(last=False)
-        _decrement(self._half_per_prefix, prefix)
+    def _evict(self) -> K:
+        """The oldest unfinished handshake of the prefix holding the most of them."""
+        prefix = max(self._half_open, key=lambda p: len(self._half_open[p]))
+        conn = next(iter(self._half_open[prefix]))
+        self._forget_half_open(conn)
         self.evicted += 1
         return conn
 
+    def _forget_half_open(self, conn: K) -> None:
+        prefix = self._half_of.pop(conn, None)
+        if prefix is None:
+            return
+        queue = self._half_open[prefix]
+        del queue[conn]
+        if not queue:
+            del self._half_open[prefix]
+
     def handshake_done(self, conn: K) -> None:
         with self._lock:
-            prefix = self._half_open.pop(conn, None)
-            if prefix is not None:
-                _decrement(self._half_per_prefix, prefix)
+            self._forget_half_open(conn)
 
     def release(self, conn: K, ip: str, prefix: str) -> None:
         with self._lock:
-            half = self._half_open.pop(conn, None)
-            if half is not None:
-                _decrement(self._half_per_prefix, half)
+            self._forget_half_open(conn)
             self.total -= 1
             _decrement(self._per_ip, ip)
             _decrement(self._per_prefix, prefix)

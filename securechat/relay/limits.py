@@ -31,7 +31,8 @@ DEFAULT_MAX_CONNECTIONS: Final = 12_000
 DEFAULT_MAX_PER_IP: Final = 256  # a household behind one NAT; benchmarks raise it
 DEFAULT_MAX_PER_PREFIX: Final = 1024  # a provider's /24 (or /64)
 # Unfinished handshakes cost a slot and a little memory and prove nothing: a small separate
-# cap (the oldest is closed to make room for a newcomer) and a short deadline.
+# cap (the oldest of the prefix holding the most is closed to make room for a newcomer)
+# and a short deadline.
 DEFAULT_MAX_HANDSHAKES: Final = 256
 DEFAULT_MAX_HANDSHAKES_PER_PREFIX: Final = 32  # beyond it the newcomer is refused
 DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 5.0

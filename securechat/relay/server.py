@@ -176,7 +176,8 @@ _LIMIT_FLAGS: Final[tuple[tuple[str, str, type, str], ...]] = (
     ("--max-per-ip", "max_per_ip", int, "connections per client address"),
     ("--max-per-prefix", "max_per_prefix", int, "connections per /24 (IPv4) or /64 (IPv6)"),
     ("--max-handshakes", "max_handshakes", int,
-     "unfinished handshakes in all (the oldest is closed to make room)"),
+     "unfinished handshakes in all (beyond: the oldest of the prefix holding the most"
+     " is closed)"),
     ("--max-handshakes-per-prefix", "max_handshakes_per_prefix", int,
      "unfinished handshakes per prefix"),
     ("--accept-rate", "accept_rate", float, "new connections per second per prefix"),
