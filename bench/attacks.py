@@ -55,7 +55,7 @@ REPO: Final = Path(__file__).resolve().parent.parent
 ROUND_TRIP_PAUSE_S: Final = 0.02
 STORED_EVERY_S: Final = 0.25
 FRESH_EVERY_S: Final = 0.5
-HONEST_TIMEOUT_S: Final = 5.0
+HONEST_TIMEOUT_S: Final = 5.0  # half the real client's connect timeout (link.py: 10 s)
 TARGET_P99_MS: Final = 50.0
 TARGET_RSS_MIB: Final = 300.0
 
@@ -439,12 +439,12 @@ def _publish(link: Link, n: int) -> None:
 def _fresh_fetch(t: Target, bob: bytes) -> bool:
     """A new handshake and one bundle: what a new session costs an honest client."""
     try:
-        link = Link.connect(t, timeout=2.0)
+        link = Link.connect(t, timeout=HONEST_TIMEOUT_S)
     except (OSError, ConnectionError, ValueError):
         return False
     try:
         link.send([wire.FetchPrekeys(bob)])
-        frame = link.until(lambda f: isinstance(f, wire.Prekeys), 2.0)
+        frame = link.until(lambda f: isinstance(f, wire.Prekeys), HONEST_TIMEOUT_S)
         return isinstance(frame, wire.Prekeys) and bool(frame.signed_prekey)
     except (OSError, ConnectionError, ValueError, TimeoutError):
         return False

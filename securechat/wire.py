@@ -738,8 +738,8 @@ class FrameDecoder:
 
     ``feed(data, limit)`` decodes only about ``limit`` bytes of frames and keeps the
     rest undecoded (``more`` is then true; ``feed(b"", limit)`` continues): the relay
-    decodes a bounded amount per connection per turn, so one client's large read
-    cannot monopolise a turn, and frames it must hold stay compact bytes.
+    decodes a bounded amount per connection per turn, so what waits behind a frame it
+    must hold stays compact bytes.
     """
 
     __slots__ = ("_buf", "_failed", "_need")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Final, Generic, TypeVar
 
 from securechat.relay.limits import (
@@ -183,7 +183,12 @@ class Admission(Generic[K]):
     def handshakes(self) -> int:
         return len(self._half_of)
 
-    def admit(self, conn: K, ip: str, prefix: str, now: float) -> tuple[str | None, list[K]]:
+    def admit(
+        self, ip: str, prefix: str, now: float, make: Callable[[], K]
+    ) -> tuple[K | None, str | None, list[K]]:
+        """(the new connection, made by ``make`` only when admitted, or None; the refusal
+        reason; connections to evict). A refusal costs no connection object: under a
+        flood of connection attempts the relay does as little as it can per attempt."""
         cfg = self._config
         with self._lock:
             reason = None
@@ -206,13 +211,14 @@ class Admission(Generic[K]):
                     reason = "connection cap"
             if reason is not None:
                 self.refused[reason] = self.refused.get(reason, 0) + 1
-                return reason, victims
+                return None, reason, victims
+            conn = make()
             self.total += 1
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
             self._half_open.setdefault(prefix, OrderedDict())[conn] = None
             self._half_of[conn] = prefix
-            return None, victims
+            return conn, None, victims
 
     def _evict(self) -> K:
         """The oldest unfinished handshake of the prefix holding the most of them."""

@@ -20,7 +20,7 @@ until the budget allows; see ``guard.Budgets``); it spent beyond its frame
 budget (B_DEBT: frames already read are handled, and reading waits until the
 budget is back above zero); frames it sent earlier still wait to be decoded
 (B_BACKLOG: at most ``DECODE_LIMIT`` bytes of frames are decoded per connection
-per loop turn, so a large read cannot monopolise a turn).
+per loop turn; after a hold, what arrived behind the held frames).
 
 A recipient connection's delivery mode (see ``docs/protocol.md`` section 3.3)::
 
@@ -170,14 +170,15 @@ class Conn:
     )  # fmt: skip
 
     def __init__(
-        self, worker: Worker, sock: socket.socket, addr: tuple[str, int], now: float
+        self, worker: Worker, sock: socket.socket, addr: tuple[str, int], now: float,
+        prefix: str,
     ) -> None:
         cfg = worker.ctx.config
         self.worker = worker
         self.sock = sock
         self.ip = addr[0]
         self.addr = f"{addr[0]}:{addr[1]}"
-        self.prefix = prefix_of(addr[0])
+        self.prefix = prefix
         self.origin = self.prefix.encode()  # the store's per-prefix quota key
         self.noise = NoiseConnection(
             initiator=False, static_private=worker.ctx.static_private, rng=os.urandom
@@ -384,15 +385,18 @@ class Worker:
         if self._stopping:
             sock.close()
             return
-        conn = Conn(self, sock, addr, self.now)
-        reason, victims = self.ctx.admission.admit(conn, conn.ip, conn.prefix, self.now)
+        ip = addr[0]
+        prefix = prefix_of(ip)
+        now = self.now
+        conn, reason, victims = self.ctx.admission.admit(
+            ip, prefix, now, lambda: Conn(self, sock, addr, now, prefix)
+        )
         for victim in victims:  # the oldest unfinished handshakes make room
             victim.worker.call_soon(
                 victim.worker.close, victim, "evicted: too many unfinished handshakes"
             )
-        if reason is not None:
-            log.debug("refused %s: over the limit of %s", conn.addr, reason)
-            conn.state = CLOSED
+        if conn is None:
+            log.debug("refused %s:%d: over the limit of %s", ip, addr[1], reason)
             sock.close()
             return
         sock.setblocking(False)
