@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -138,16 +138,18 @@ class Link:
 
 # --- attacks (each in its own process) ---------------------------------------------------------
 
+Chunk = bytes | Callable[[], bytes]  # what a flooding connection sends, or a maker of it
+
 
 class Flood:
     """Connections that each send one plaintext chunk over and over (as fast as the relay
     reads, or ``rate`` chunks a second) and read and drop whatever comes back; a closed
     connection is made again. ``attempts`` counts chunks sent and connections made."""
 
-    def __init__(self, t: Target, plans: list[tuple[str, bytes, float]],
+    def __init__(self, t: Target, plans: Sequence[tuple[str, Chunk, float]],
                  on_plain: Callable[[Link, bytes], bytes] | None = None) -> None:
         self.t = t
-        self.plans = plans  # (source address, chunk, chunks per second; 0 = unpaced)
+        self.plans = plans  # (source, chunk or a maker of chunks, chunks per second; 0: unpaced)
         self.on_plain = on_plain  # answer to what the relay sent (e.g. the publish loop)
         self.attempts = 0
 
@@ -186,7 +188,8 @@ class Flood:
                         self._read(link)
                     if link.sock in writable and (link.pending or now >= due[i]):
                         if not link.pending:
-                            link.pending = link.noise.send(chunk)
+                            plain = chunk() if callable(chunk) else chunk
+                            link.pending = link.noise.send(plain)
                             self.attempts += 1
                             due[i] = now + (1.0 / rate if rate else 0.0)
                         link.pending = link.pending[link.sock.send(link.pending):]
@@ -238,12 +241,11 @@ def attack_disk_fill(t: Target, end: float) -> int:
     """Item 6: one network stores 64 KiB payloads for random (never connected) mailboxes."""
     payload = os.urandom(wire.MAX_PAYLOAD)
 
-    def chunk() -> bytes:
+    def chunk() -> bytes:  # new ids and mailboxes every time (a retry would be a no-op)
         return b"".join(wire.encode(wire.Send(os.urandom(16), os.urandom(32), payload))
                         for _ in range(8))
 
-    plans = [(f"127.104.0.{i + 1}", chunk(), 0.0) for i in range(4)]
-    flood = Flood(t, plans)  # the same ids again after the first round: retries, idempotent
+    flood = Flood(t, [(f"127.104.0.{i + 1}", chunk, 0.0) for i in range(4)])
     flood.run(end)
     return flood.attempts
 
@@ -591,6 +593,7 @@ def run_scenario(names: list[str], seconds: float, workdir: Path,
                 p.kill()
     finally:
         code = relay.stop()
+    store_bytes = sum(f.stat().st_size for f in (workdir / "relay-data").glob("relay.sqlite3*"))
     log = relay.log.read_text(errors="replace")
     rt = sorted(honest.round_trips) or [float("nan")]
     return {
@@ -601,6 +604,7 @@ def run_scenario(names: list[str], seconds: float, workdir: Path,
         "max_ms": rt[-1] * 1000,
         "rss_start_mib": rss_start / 1024, "rss_peak_mib": honest.rss_peak_kib / 1024,
         "relay_cores": cpu / wall if honest.round_trips else 0.0,
+        "store_mib": store_bytes / 2**20,
         "stored_accept_max_ms": max(honest.stored_accept, default=0.0) * 1000,
         "fresh_max_ms": max(honest.fresh_times, default=0.0) * 1000,
         "stored_sent": honest.stored_sent, "stored_refused": honest.stored_refused,
