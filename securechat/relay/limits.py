@@ -79,7 +79,7 @@ DEFAULT_OTK_BURST: Final = 64.0
 # The owner is sent PrekeyCount when a hand-out takes its count below one of these marks
 # (below 20: the count at which clients replenish; below 1: none left).
 PREKEY_LOW_MARKS: Final = (20, 5, 1)
-BUCKET_TABLE_SIZE: Final = 65_536  # identities / prefixes remembered per budget table
+BUCKET_TABLE_SIZE: Final = 16_384  # identities or prefixes per budget table (~250 bytes each)
 HOLD_MAX_S: Final = 5.0  # longest a held frame waits before its budget is checked again
 
 # --- buffers ---------------------------------------------------------------------------------
