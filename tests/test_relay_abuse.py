@@ -368,6 +368,20 @@ def test_started_frame_must_finish_in_time(tmp_path: Path) -> None:
         assert relay.stop()[0] == 0
 
 
+def test_held_frames_are_not_a_late_frame(tmp_path: Path) -> None:
+    """Frames the relay holds for a budget are not an unfinished frame: the deadline waits."""
+    relay = RelayProcess.start(tmp_path, "--frame-timeout", "1")
+    try:
+        with authed(relay, source="127.73.0.1") as c:
+            c.send_frames([wire.FetchPrekeys(os.urandom(32)) for _ in range(130)])
+            assert count_until(c, wire.Prekeys, 6.0, limit=130) == 130  # 30 held, ~3 s
+            time.sleep(1.5)  # quiet afterwards, longer than the frame deadline
+            c.send_frame(wire.Ping(4))
+            assert c.recv_frame() == wire.Pong(4)
+    finally:
+        assert relay.stop()[0] == 0
+
+
 # --- item 8 and 10: per-type budgets -------------------------------------------------------------
 
 

@@ -492,14 +492,19 @@ class Worker:
                 return
             if plain:
                 self._decode(conn, plain)
-        if (conn.partial or conn.noise.buffered or conn.decoder.buffered) and (
+        self._account(conn)
+
+    def _account(self, conn: Conn) -> None:
+        """Account what ``conn`` makes us hold (a partial record or frame, frames not yet
+        decoded, frames held for a budget) against the partial-frame budgets (guard)."""
+        held_frames = conn.held_frames is not None
+        if (conn.partial or conn.noise.buffered or conn.decoder.buffered or held_frames) and (
             conn.state != CLOSED
         ):
             held = conn.noise.buffered + conn.decoder.buffered
-            self._track_partial(conn, held + (DECODE_LIMIT if conn.held_frames else 0))
+            self._track_partial(conn, held + (DECODE_LIMIT if held_frames else 0))
 
     def _track_partial(self, conn: Conn, held: int) -> None:
-        """Account the bytes ``conn`` holds for an incomplete record or frame (guard)."""
         if held == conn.partial:
             return
         ok, victims = self.ctx.partial.update(conn, conn.prefix, held)
@@ -560,6 +565,7 @@ class Worker:
                 self.backlog.discard(conn)  # a held connection continues once released
             else:
                 self._guard(conn, self._decode, conn, b"")
+                self._account(conn)
 
     def charge_frames(self, conn: Conn, cost: float) -> None:
         """Charge ``cost`` to the connection's frame budget; beyond it, stop reading
@@ -620,6 +626,7 @@ class Worker:
                 else:
                     conn.blocks &= ~B_BACKLOG
                 self._unblock(conn, B_HOLD)
+            self._account(conn)
 
     def _authenticated(self, conn: Conn, event: HandshakeComplete) -> None:
         identity = event.remote_static
@@ -798,8 +805,8 @@ class Worker:
             elif conn.state == OPEN and now - conn.last_rx > idle and not conn.blocks & _UNREAD:
                 self.close(conn, "idle timeout")
         for conn in list(self.partials):  # a frame started must finish in time
-            if now - conn.frame_at > cfg.frame_timeout:
-                self.close(conn, "frame not completed in time")
+            if now - conn.frame_at > cfg.frame_timeout and not conn.blocks & _UNREAD:
+                self.close(conn, "frame not completed in time")  # (not while we hold it)
 
     def _expire_inflight(self, conn: Conn, now: float) -> None:
         expired = []
