@@ -96,9 +96,11 @@ WORKER_HIGH_WATER: Final = 16 * 1024 * 1024
 STORE_HIGH_WATER: Final = 4 * 1024 * 1024
 STORE_LOW_WATER: Final = 1 * 1024 * 1024
 STORE_REQUEST_COST: Final = 512  # what a request without payload counts (a DELETE, a fetch)
-# Store requests one connection may have outstanding; beyond it that connection is not
-# read until half of them are done (an Ack or Send flood pays for itself).
-MAX_CONN_STORE_REQUESTS: Final = 1024
+# Cost of the store requests one connection may have outstanding (1,024 without payload,
+# or 8 of 64 KiB); beyond it that connection is not read until half of it is done. Well
+# under STORE_HIGH_WATER, so that one flooding sender is stopped before the store's queue
+# is long enough to stop everyone.
+MAX_CONN_STORE_COST: Final = 512 * 1024
 # Payload delivered live and not yet acknowledged, over all of one worker's connections:
 # above this, a reader that stopped reading counts as stalled without the usual quarter
 # second's grace (handlers._stalled), so its new copies go to the store. Readers that are

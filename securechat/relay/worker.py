@@ -59,9 +59,10 @@ from securechat.relay.limits import (
     FETCH_BYTES,
     HOLD_MAX_S,
     INITIAL_FRAME_ALLOWANCE,
-    MAX_CONN_STORE_REQUESTS,
+    MAX_CONN_STORE_COST,
     OUT_HARD_LIMIT,
     RECV_SIZE,
+    STORE_REQUEST_COST,
     TICK_S,
     RelayConfig,
     TokenBucket,
@@ -90,7 +91,7 @@ _INFLIGHT_CHECK_S: Final = 0.05  # resolution of the ack timeout (seconds)
 # Why reading a connection is stopped (bits of Conn.blocks); read again when all clear.
 B_OUT: Final = 1  # its output is above the high-water mark (it does not read)
 B_STORE: Final = 2  # the store thread's queue is above its high-water mark
-B_CONN_STORE: Final = 4  # it has MAX_CONN_STORE_REQUESTS store requests outstanding
+B_CONN_STORE: Final = 4  # its outstanding store requests cost MAX_CONN_STORE_COST
 B_HOLD: Final = 8  # a frame waits for its shared budget (guard.Budgets)
 B_DEBT: Final = 16  # it spent more than its frame budget: not read until it is paid back
 B_BACKLOG: Final = 32  # decoded frames wait in its decoder: decode those before reading more
@@ -195,7 +196,7 @@ class Conn:
         self.dirty = False
         self.out = bytearray()
         self.blocks = 0  # B_* bits: reasons not to read this connection now
-        self.store_out = 0  # store requests posted for it and not answered yet
+        self.store_out = 0  # cost of its store requests not answered yet
         self.held_frames: list[wire.Frame] | None = None  # frames waiting for a budget
         self.hold_until = 0.0
         self.debt_until = 0.0
@@ -845,24 +846,26 @@ class Worker:
     ) -> None:
         """Run ``op`` in the store thread; ``fn(result or None)`` here after COMMIT.
 
-        ``conn``: the connection whose frame asked for it (on this worker). It may
-        have ``MAX_CONN_STORE_REQUESTS`` outstanding; beyond that it is not read
-        until half of them are answered, so one client's flood of stored sends or
-        acknowledgements waits in its own kernel buffer, not in the store's queue.
+        ``conn``: the connection whose frame asked for it (on this worker). Its
+        outstanding requests may cost ``MAX_CONN_STORE_COST`` (payload plus
+        ``STORE_REQUEST_COST`` each); beyond that it is not read until half is
+        answered, so one client's flood of stored sends or acknowledgements waits in
+        its own kernel buffer, not in the store's queue (which would stop everyone).
         """
         if conn is not None:
-            conn.store_out += 1
-            if conn.store_out >= MAX_CONN_STORE_REQUESTS:
+            cost = size + STORE_REQUEST_COST
+            conn.store_out += cost
+            if conn.store_out >= MAX_CONN_STORE_COST:
                 self._block(conn, B_CONN_STORE)
-            fn = self._counted(conn, fn)
+            fn = self._counted(conn, fn, cost)
         self.ctx.store.put(st.Request(op=op, poster=self, fn=fn, mailbox=mailbox, size=size))
 
     def _counted(
-        self, conn: Conn, fn: Callable[..., None] | None
+        self, conn: Conn, fn: Callable[..., None] | None, cost: int
     ) -> Callable[..., None]:
         def done(result: Any) -> None:
-            conn.store_out -= 1
-            if conn.blocks & B_CONN_STORE and conn.store_out <= MAX_CONN_STORE_REQUESTS // 2:
+            conn.store_out -= cost
+            if conn.blocks & B_CONN_STORE and conn.store_out <= MAX_CONN_STORE_COST // 2:
                 self._unblock(conn, B_CONN_STORE)
             if fn is not None:
                 fn(result)
