@@ -92,9 +92,10 @@ MAX_INFLIGHT: Final = 4096  # live deliveries awaiting an Ack, per connection
 WORKER_HIGH_WATER: Final = 16 * 1024 * 1024
 # Cost (payload bytes + STORE_REQUEST_COST each) of the requests waiting in the store
 # thread's queue: above the high mark workers stop reading their clients (the bytes wait
-# in the kernel) until it is below the low mark.
-STORE_HIGH_WATER: Final = 4 * 1024 * 1024
-STORE_LOW_WATER: Final = 1 * 1024 * 1024
+# in the kernel) until it is below the low mark. (8 MiB since requests without payload
+# count too: at 4 MiB twenty senders' windows of stored messages paused everyone.)
+STORE_HIGH_WATER: Final = 8 * 1024 * 1024
+STORE_LOW_WATER: Final = 2 * 1024 * 1024
 STORE_REQUEST_COST: Final = 512  # what a request without payload counts (a DELETE, a fetch)
 # Cost of the store requests one connection may have outstanding (1,024 without payload,
 # or 8 of 64 KiB); beyond it that connection is not read until half of it is done. Well

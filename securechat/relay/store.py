@@ -201,6 +201,9 @@ class MailboxStore:
         # (StoreThread.note_known), the store thread records them in one transaction
         # every KNOWN_FLUSH_S, so a burst of new identities costs one commit, not one each.
         self.pending_known: set[bytes] = set()
+        # Mailboxes looked up and not known (store thread only): most frames for a stranger
+        # come in runs, and a look-up per frame cost the stored path a quarter of its rate.
+        self._unknown: dict[bytes, None] = {}
 
     def _setup(self) -> None:
         db = self.db
@@ -293,6 +296,7 @@ class MailboxStore:
         """After a rollback: drop cached ids and known mailboxes (some may be undone), recount."""
         self._parties.clear()
         self.known = {}
+        self._unknown.clear()
         self.recount()
 
     def release_reserve(self) -> bool:
@@ -367,10 +371,15 @@ class MailboxStore:
         """Has the identity of ``mailbox`` ever connected (or is it recorded as such)?"""
         if mailbox in self.known or mailbox in self.pending_known:
             return True
+        if mailbox in self._unknown:
+            return False
         row = self.db.execute(
             "SELECT 1 FROM known_mailboxes WHERE mailbox=?", (mailbox,)
         ).fetchone()
         if row is None:
+            if len(self._unknown) >= KNOWN_MAILBOX_CACHE:
+                self._unknown.clear()
+            self._unknown[mailbox] = None
             return False
         self._remember_known(mailbox)
         return True
@@ -395,6 +404,7 @@ class MailboxStore:
         return True
 
     def _remember_known(self, mailbox: bytes) -> None:
+        self._unknown.pop(mailbox, None)
         if len(self.known) >= KNOWN_MAILBOX_CACHE:
             self.known = {}  # a fresh dict: workers reading the old one are unaffected
         self.known[mailbox] = None
@@ -435,13 +445,17 @@ class MailboxStore:
                 )
             return DUPLICATE if self._exists(mailbox, sender, msg_id) else STORE_FULL
         known = self.is_known(mailbox)
+        sender_id = self._party(sender, create=False)
+        origin_id = self._party(origin, create=False) if origin else 0
         if not force:
-            refusal = self._over_quota(mailbox, sender, origin, size, known)
+            refusal = self._over_quota(mailbox, sender_id, origin_id, size, known)
             if refusal:
                 return DUPLICATE if self._exists(mailbox, sender, msg_id) else refusal
         mailbox_id = self._party(mailbox, create=True)
-        sender_id = self._party(sender, create=True)
-        origin_id = self._party(origin, create=True) if origin else 0
+        if sender_id is None:
+            sender_id = self._party(sender, create=True)
+        if origin_id is None:
+            origin_id = self._party(origin, create=True)
         assert sender_id is not None and origin_id is not None
         ttl = self._ttl_ms if known else self._unknown_ttl_ms
         cur = self.db.execute(
@@ -463,7 +477,8 @@ class MailboxStore:
         return INSERTED
 
     def _over_quota(
-        self, mailbox: bytes, sender: bytes, origin: bytes, size: int, known: bool
+        self, mailbox: bytes, sender_id: int | None, origin_id: int | None, size: int,
+        known: bool,
     ) -> int:
         """The quota a new copy would break (0: none), the recipient's first."""
         cfg = self._config
@@ -475,15 +490,11 @@ class MailboxStore:
             cfg.unknown_quota_bytes, cfg.quota_bytes
         ):
             return UNKNOWN_OVER_QUOTA
-        sender_id = self._party(sender, create=False)
         if sender_id is not None and (
             self.sender_usage.get(sender_id, 0) + size > cfg.sender_quota_bytes
         ):
             return SENDER_OVER_QUOTA
-        origin_id = self._party(origin, create=False) if origin else None
-        if origin_id is not None and (
-            self.origin_usage.get(origin_id, 0) + size > cfg.prefix_quota_bytes
-        ):
+        if origin_id and self.origin_usage.get(origin_id, 0) + size > cfg.prefix_quota_bytes:
             return PREFIX_OVER_QUOTA
         return 0
 

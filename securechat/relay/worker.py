@@ -864,13 +864,16 @@ class Worker:
         self, conn: Conn, fn: Callable[..., None] | None, cost: int
     ) -> Callable[..., None]:
         def done(result: Any) -> None:
-            conn.store_out -= cost
-            if conn.blocks & B_CONN_STORE and conn.store_out <= MAX_CONN_STORE_COST // 2:
-                self._unblock(conn, B_CONN_STORE)
+            self._store_answered(conn, cost)
             if fn is not None:
                 fn(result)
 
         return done
+
+    def _store_answered(self, conn: Conn, cost: int) -> None:
+        conn.store_out -= cost
+        if conn.blocks & B_CONN_STORE and conn.store_out <= MAX_CONN_STORE_COST // 2:
+            self._unblock(conn, B_CONN_STORE)
 
     def store_copy(
         self,
@@ -887,6 +890,12 @@ class Worker:
         ``store_request``); the sender's address prefix is charged either way.
         """
         origin = copy.sub.conn.origin
+        size = len(copy.payload)
+        cost = size + STORE_REQUEST_COST
+        if conn is not None:  # (store_request's accounting, inline: the stored-send path)
+            conn.store_out += cost
+            if conn.store_out >= MAX_CONN_STORE_COST:
+                self._block(conn, B_CONN_STORE)
 
         def op(store: st.MailboxStore, now: int) -> int:
             return store.insert(
@@ -895,13 +904,15 @@ class Worker:
             )
 
         def done(result: int | None) -> None:
+            if conn is not None:
+                self._store_answered(conn, cost)
             outcome = insert_outcome(result)
             for sub in subs:
                 resolve(sub, outcome)
             if then is not None:
                 then(result)
 
-        self.store_request(op, done, conn, mailbox=copy.mailbox, size=len(copy.payload))
+        self.ctx.store.put(st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox, size=size))
 
     def request_fetch(self, conn: Conn) -> None:
         """Queue a fetch of the next stored rows for ``conn`` (called under the router lock
