@@ -161,6 +161,12 @@ class StorageError(SecureChatError):
     exit_code = 9
 
 
+class InUseError(SecureChatError):
+    """A port or a data folder is held by another process (another relay?)."""
+
+    exit_code = 12
+
+
 class DeliveryTimeoutError(SecureChatError):
     """Something did not happen in time (acknowledgement, handshake)."""
 

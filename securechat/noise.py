@@ -20,8 +20,10 @@ Layers in this module, bottom up:
 
 Records on TCP: every Noise message (handshake or transport) is prefixed by its
 length as 2 bytes big-endian. A length below 16 (the AEAD tag) is refused, and
-during the handshake a length above ``MAX_HANDSHAKE_RECORD`` is refused, both
-as soon as the 2 header bytes are seen, before anything is buffered.
+during the handshake a length above ``MAX_HANDSHAKE_RECORD`` (1,120) is refused, both
+as soon as the 2 header bytes are seen, before anything is buffered. A handshake
+payload above ``MAX_HANDSHAKE_PAYLOAD`` (1,024) is refused after decryption (message 3
+could carry up to 1,056 bytes in a 1,120-byte record).
 
 NoiseConnection states and transitions (anything else is a failure)::
 
@@ -78,7 +80,9 @@ RECORD_HEADER: Final = 2  # 2-byte big-endian length before every Noise message
 MIN_RECORD: Final = TAG_SIZE  # no valid Noise message of ours is shorter than a tag
 _STATIC_CACHE: Final = 16  # loaded static keys kept (relay: 1; a client: a few identities)
 MAX_HANDSHAKE_PAYLOAD: Final = 1024  # chosen: bounds what an unauthenticated peer makes us buffer
-# Longest XX handshake message: e + encrypted s + encrypted payload.
+# Longest XX handshake message (message 2): e + encrypted s + encrypted payload = 1,120.
+# Message 3 (encrypted s + encrypted payload) fits a longer payload in the same record
+# length, so the payload bound is checked on its own after decryption.
 MAX_HANDSHAKE_RECORD: Final = DHLEN + (DHLEN + TAG_SIZE) + MAX_HANDSHAKE_PAYLOAD + TAG_SIZE
 
 # --- handshake patterns (spec sections 7.4, 7.5, 18) ----------------------------------
@@ -574,6 +578,11 @@ class NoiseConnection:
     def handshake_hash(self) -> bytes | None:
         return self._handshake_hash
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete record (for the relay's memory accounting)."""
+        return len(self._buf)
+
     # --- handshake --------------------------------------------------------------------
     def initiate(self) -> bytes:
         """Initiator only: the record carrying handshake message 1 (``-> e``)."""
@@ -592,6 +601,10 @@ class NoiseConnection:
         hs = self._hs
         assert hs is not None
         payload = hs.read_message(message)
+        if len(payload) > MAX_HANDSHAKE_PAYLOAD:
+            raise HandshakeError(
+                f"handshake payload of {len(payload)} bytes exceeds {MAX_HANDSHAKE_PAYLOAD}"
+            )
         if self._state == _RESP_WAIT_1:
             if payload:
                 raise HandshakeError("handshake message 1 must carry no payload")

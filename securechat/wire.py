@@ -63,7 +63,7 @@ MAILBOX_CACHE: Final = 65536  # identities whose mailbox address is kept (~100 b
 T_SEND: Final = 0x10
 T_SEND_MULTI: Final = 0x11
 T_ACCEPTED: Final = 0x12
-T_DELIVERED: Final = 0x13
+T_DELIVERED: Final = 0x13  # deprecated: no longer sent by the relay, still decodable
 T_DELIVER: Final = 0x20
 T_ACK: Final = 0x21
 T_SYNCED: Final = 0x22
@@ -90,7 +90,11 @@ STORE_FAILED: Final = 5  # the sender must keep the message and retry
 NOT_AUTHORISED: Final = 6
 TOO_MANY_CONNECTIONS: Final = 7
 SERVER_SHUTDOWN: Final = 8
-ERROR_CODES: Final = frozenset(range(BAD_FRAME, SERVER_SHUTDOWN + 1))
+# A newer connection of the same identity took over; the old one is closed after this.
+# A client must not reconnect automatically on it (its other instance would be replaced
+# in turn: two clients evicting each other forever).
+REPLACED: Final = 9
+ERROR_CODES: Final = frozenset(range(BAD_FRAME, REPLACED + 1))
 ERROR_NAMES: Final = {
     BAD_FRAME: "BAD_FRAME",
     TOO_LARGE: "TOO_LARGE",
@@ -100,6 +104,7 @@ ERROR_NAMES: Final = {
     NOT_AUTHORISED: "NOT_AUTHORISED",
     TOO_MANY_CONNECTIONS: "TOO_MANY_CONNECTIONS",
     SERVER_SHUTDOWN: "SERVER_SHUTDOWN",
+    REPLACED: "REPLACED",
 }
 NO_ID: Final = bytes(ID_SIZE)
 
@@ -161,7 +166,12 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """R>C: receipt, the recipient's device acknowledged ``msg_id`` (best effort)."""
+    """R>C, deprecated: the relay's receipt for one recipient's copy.
+
+    The relay no longer sends it: "delivered to the peer's device" comes from the
+    recipient's end-to-end encrypted receipt, which a relay cannot forge. The type
+    stays decodable so that a client talking to an older relay still parses it.
+    """
 
     msg_id: bytes
     mailbox: bytes
@@ -479,7 +489,7 @@ def encode_accepted(msg_id: bytes, status: int) -> bytes:
 
 
 def encode_delivered(msg_id: bytes, mailbox: bytes) -> bytes:
-    """``encode(Delivered(msg_id, mailbox))`` from fields of known sizes (relay hot path)."""
+    """``encode(Delivered(msg_id, mailbox))`` from fields of known sizes (deprecated frame)."""
     return _DELIVERED_PREFIX + msg_id + mailbox
 
 
@@ -688,15 +698,20 @@ def check_length(length: int) -> None:
         raise FrameTooLargeError(f"frame length {length} exceeds the {MAX_FRAME}-byte limit")
 
 
-def _parse(data: bytes) -> tuple[list[Frame], int, int]:
-    """Parse every complete frame; return (frames, bytes consumed, bytes needed next)."""
+def _parse(data: bytes, limit: int = 0) -> tuple[list[Frame], int, int]:
+    """Parse every complete frame; return (frames, bytes consumed, bytes needed next).
+
+    With ``limit``, stop after the frame that reaches ``limit`` bytes consumed (the
+    rest, complete frames included, is left for the next call).
+    """
     frames: list[Frame] = []
     pos = 0
     n = len(data)
+    n_stop = limit if limit and limit < n else n
     unpack_length = _U32.unpack_from
     decoders = _DECODERS
     append = frames.append
-    while n - pos >= LENGTH_SIZE:
+    while n - pos >= LENGTH_SIZE and pos < n_stop:
         (length,) = unpack_length(data, pos)
         check_length(length)
         end = pos + LENGTH_SIZE + length
@@ -720,6 +735,11 @@ class FrameDecoder:
     Bytes are only buffered while a frame is incomplete, and a frame is only
     reassembled (one copy) when its last byte has arrived, so a 1 MiB frame
     arriving in small records costs O(size), not O(size^2).
+
+    ``feed(data, limit)`` decodes only about ``limit`` bytes of frames and keeps the
+    rest undecoded (``more`` is then true; ``feed(b"", limit)`` continues): the relay
+    decodes a bounded amount per connection per turn, so what waits behind a frame it
+    must hold stays compact bytes.
     """
 
     __slots__ = ("_buf", "_failed", "_need")
@@ -735,12 +755,19 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an incomplete frame (for memory accounting)."""
+        """Bytes held undecoded: an incomplete frame, or frames left by a ``limit``."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    @property
+    def more(self) -> bool:
+        """True when buffered bytes may already hold a complete frame (``limit`` stopped)."""
+        return len(self._buf) >= self._need
+
+    def feed(self, data: bytes, limit: int = 0) -> list[Frame]:
         """Return the frames completed by ``data`` ([] means: need more data).
 
+        ``limit`` (0: none): stop decoding once about that many bytes of frames are
+        decoded; the rest waits in the buffer (see ``more``).
         Raises FrameError at the first rule broken; frames decoded earlier in
         the same chunk are then discarded with the connection.
         """
@@ -756,7 +783,7 @@ class FrameDecoder:
             data = bytes(buf)
             buf.clear()
         try:
-            frames, pos, need = _parse(data)
+            frames, pos, need = _parse(data, limit)
         except FrameError:
             self._failed = True
             raise

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from securechat import dh, wire
 from securechat.encoding import decode_token
@@ -54,15 +54,24 @@ class RelayClient:
         static_private: bytes,
         expected_relay_key: bytes | None = None,
         timeout: float = 5.0,
+        source: str | None = None,
+        payload: bytes = b"",
     ) -> RelayClient:
+        """``source``: a local address to connect from (any 127.x.y.z works on Linux
+        loopback, so tests can play clients from different networks); ``payload``: the
+        Noise message-3 payload (a client's Ed25519 public key, or nothing)."""
+
         def verify(remote: bytes) -> None:
             if expected_relay_key is not None and remote != expected_relay_key:
                 raise RelayKeyChangedError("the relay presented a different key than pinned")
 
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         noise = NoiseConnection(
-            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify
+            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify,
+            payload=payload,
         )
         try:
             sock.sendall(noise.initiate())
@@ -182,6 +191,10 @@ class PipeDrain:
         self._thread.join(timeout)
         return "".join(self._chunks)
 
+    def snapshot(self) -> str:
+        """What was read so far (the child may still be writing)."""
+        return "".join(list(self._chunks))
+
 
 class RelayProcess:
     """``securechat relay`` as a subprocess on a free loopback port."""
@@ -227,8 +240,19 @@ class RelayProcess:
             raise RuntimeError(f"relay did not start: {line!r} {err[-2000:]}")
         return cls(proc, match.group(1), int(match.group(2)), match.group(3), data_dir, list(args))
 
-    def connect(self, private: bytes, **kw: float) -> RelayClient:
+    def connect(self, private: bytes, **kw: Any) -> RelayClient:
         return RelayClient.connect(self.host, self.port, private, self.public, **kw)
+
+    def rss_kib(self) -> int:
+        """The relay process's resident memory (KiB), from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def log_text(self) -> str:
+        """What the relay wrote to stderr so far."""
+        return self._stderr.snapshot()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, str]:
         """Signal the relay, wait, return (exit code, stderr)."""

@@ -56,3 +56,47 @@ def test_clean_stop_flushes_acks(relay: RelayProcess, sc_home: Path) -> None:
                 ]
     assert len(delivers) == 5, "a stopped client's messages were delivered again"
     assert shown.empty()
+
+
+def test_a_replaced_connection_stops_instead_of_fighting_back(
+    relay: RelayProcess, tmp_path: Path, sc_home: Path
+) -> None:
+    """The relay says REPLACED before closing the older connection of an identity (13.10):
+    that client stops with a clear error instead of reconnecting and replacing the newer."""
+    from securechat.client.link import KnownRelays
+    from securechat.client.messenger import Messenger, NoticeEvent
+    from securechat.client.store import ClientStore, StoreKeys
+    from securechat.errors import InUseError
+
+    address = f"{relay.host}:{relay.port}"
+    alice = keys.generate_identity("alice", os.urandom(keys.SEED_SIZE))
+    notices: list[list[str]] = [[], []]
+    stores, engines = [], []
+    for i in range(2):
+        store = ClientStore(tmp_path / f"device{i}.state.db", StoreKeys.of(alice))
+
+        def record(event: Event, box: list[str] = notices[i]) -> None:
+            if isinstance(event, NoticeEvent):
+                box.append(event.text)
+
+        m = Messenger(alice, store, address, KnownRelays(tmp_path / f"known{i}"), record,
+                      pinned_relay_key=relay.public)
+        stores.append(store)
+        engines.append(m)
+    try:
+        engines[0].start()
+        assert engines[0].wait_connected(10)
+        engines[1].start()
+        assert engines[1].wait_connected(10)
+        deadline = time.monotonic() + 10
+        while engines[0].fatal is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert isinstance(engines[0].fatal, InUseError)
+        assert any("replaced this one" in n for n in notices[0])
+        time.sleep(1.5)  # the first one stays down: the second is not replaced back
+        assert engines[1].connected and engines[1].fatal is None
+        assert not engines[0].connected
+    finally:
+        for m, s in zip(engines, stores, strict=True):
+            m.stop()
+            s.close()

@@ -473,3 +473,58 @@ def test_any_bytes_mid_handshake_or_in_transport_give_only_our_errors(
         else:
             assert not events and plain == b""
     assert m2
+
+
+# --- handshake size limits (issue 13.2: the spec said 1,104; the product took 1,056-byte
+# message-3 payloads) -----------------------------------------------------------------------
+
+
+def _raw_message_3(payload: bytes) -> tuple[noise.NoiseConnection, bytes]:
+    """A responder at message 3, and a client's message 3 carrying ``payload`` (written
+    with the bare handshake state, which does not enforce the link's payload bound)."""
+    hs = noise.HandshakeState(
+        "XX", True, protocol_name=noise.PROTOCOL_NAME, static_private=CLIENT_KEY,
+        prologue=noise.PROLOGUE, rng=_counter_rng("raw"),
+    )
+    _, relay = _pair()
+    m1 = hs.write_message(b"")
+    _, _, m2 = relay.receive_data(len(m1).to_bytes(2, "big") + m1)
+    hs.read_message(m2[2:])
+    m3 = hs.write_message(payload)
+    return relay, len(m3).to_bytes(2, "big") + m3
+
+
+def test_handshake_limits_are_the_specified_numbers() -> None:
+    assert noise.MAX_HANDSHAKE_PAYLOAD == 1024
+    assert noise.MAX_HANDSHAKE_RECORD == 1120 == 32 + 48 + 1024 + 16
+
+
+@pytest.mark.parametrize("size", [0, 32, 1024])
+def test_message_3_payload_up_to_1024_accepted(size: int) -> None:
+    relay, m3 = _raw_message_3(bytes(size))
+    events, _, _ = relay.receive_data(m3)
+    assert len(events[0].payload) == size
+
+
+@pytest.mark.parametrize("size", [1025, 1056])
+def test_message_3_payload_over_1024_refused(size: int) -> None:
+    relay, m3 = _raw_message_3(bytes(size))
+    assert len(m3) - noise.RECORD_HEADER <= noise.MAX_HANDSHAKE_RECORD  # the record fits
+    with pytest.raises(HandshakeError, match="payload"):
+        relay.receive_data(m3)
+    assert relay.failed
+
+
+def test_message_3_record_over_1120_refused_before_buffering() -> None:
+    relay, m3 = _raw_message_3(bytes(1057))
+    assert len(m3) - noise.RECORD_HEADER == 1121
+    with pytest.raises(HandshakeError, match="length 1121"):
+        relay.receive_data(m3[:2])  # the two length bytes are enough
+
+
+def test_message_2_of_exactly_1120_bytes_accepted() -> None:
+    client, relay = _pair(relay_payload=bytes(1024))
+    _, _, m2 = relay.receive_data(client.initiate())
+    assert len(m2) - noise.RECORD_HEADER == 1120
+    events, _, m3 = client.receive_data(m2)
+    assert events[0].payload == bytes(1024) and m3

@@ -20,6 +20,8 @@ def test_sigkill_loses_nothing_accepted(tmp_path: Path, sync: str) -> None:
     relay = RelayProcess.start(tmp_path, "--sync", sync)
     a_priv, a_pub = new_identity()
     b_priv, b_pub = new_identity()
+    with relay.connect(b_priv) as b:  # a known mailbox: the full quota, not the small one
+        b.recv_until(lambda f: isinstance(f, wire.Synced))
     ids = [i.to_bytes(4, "big") + os.urandom(12) for i in range(20000)]
     accepted: set[bytes] = set()
     a = relay.connect(a_priv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -13,7 +14,7 @@ import pytest
 from relayclient import RelayClient, RelayProcess, new_identity
 
 from securechat import wire
-from securechat.errors import ConnectionClosedError, SecureChatError
+from securechat.errors import SecureChatError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,17 +143,34 @@ def test_idle_timeout_and_ping_keepalive(tmp_path: Path) -> None:
     assert "idle timeout" in err
 
 
-def test_flood_rate_limited(relay: RelayProcess, bystander: RelayClient) -> None:
+def test_frame_flood_is_served_then_not_read_until_paid(
+    relay: RelayProcess, bystander: RelayClient
+) -> None:
+    """Over its frame budget a connection is not closed (a reconnect would only buy it a
+    fresh allowance): what it already sent is handled, then it is not read until the
+    budget (200/s here) has paid for it."""
     with authed(relay) as c:
         c.send_frames([wire.Ping(i) for i in range(1000)])
-        error = None
-        with pytest.raises(ConnectionClosedError):
-            while True:
-                frame = c.recv_frame(timeout=5)
-                if isinstance(frame, wire.Error):
-                    error = frame
-        assert error is not None and error.code == wire.RATE_LIMITED
-    still_serving(relay, bystander)
+        for i in range(1000):
+            assert c.recv_frame(timeout=5) == wire.Pong(i)
+        t0 = time.monotonic()
+        c.send_frame(wire.Ping(5000))  # 600 over the 400 it started with: 3 s at 200/s
+        assert c.recv_frame(timeout=10) == wire.Pong(5000)
+        assert time.monotonic() - t0 > 2.0
+        still_serving(relay, bystander)  # meanwhile everyone else is served
+
+
+def test_byte_flood_rate_limited(tmp_path: Path) -> None:
+    relay = RelayProcess.start(tmp_path, "--rate-bytes", "20000", "--burst-bytes", "40000")
+    try:
+        with authed(relay) as c:
+            with contextlib.suppress(OSError):
+                for _ in range(20):
+                    c.send_frames([wire.Ping(i) for i in range(1000)])  # 14 KB each
+            errors = [f for f in c.expect_closed(timeout=5) if isinstance(f, wire.Error)]
+            assert errors and errors[-1].code == wire.RATE_LIMITED
+    finally:
+        assert relay.stop()[0] == 0
 
 
 def test_too_many_connections_per_ip(relay: RelayProcess, bystander: RelayClient) -> None:

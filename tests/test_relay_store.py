@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from securechat import wire
 from securechat.errors import StorageError
 from securechat.relay import store as store_mod
 from securechat.relay.limits import RelayConfig
@@ -96,9 +97,13 @@ def test_migrates_v1_keeping_rows_seqs_and_counter(tmp_path: Path) -> None:
     new_seq = s.fetch(a, 0, 100, now_ms=0)[-1][0]
     assert new_seq > last  # the deleted tail's seqs are not handed out again
     assert s.delete(b, kept[0][1], kept[0][2])
-    assert s.take_prekeys(key("i")) == (b"spk", None)  # other tables untouched
+    assert s.take_prekeys(key("i")) == (b"spk", None, 0)  # other tables untouched
+    # mailboxes holding frames, and identities with prekeys, count as known (full ttl)
+    assert s.is_known(a) and s.is_known(b)
+    assert s.is_known(wire.mailbox_address(key("i")))
+    assert not s.is_known(key("stranger"))
     s.close()
-    again = make_store(tmp_path)  # a migrated store opens as version 2 without change
+    again = make_store(tmp_path)  # a migrated store opens as the current version unchanged
     assert again.fetch(a, new_seq - 1, 10, now_ms=0)[0][2] == mid(99)
     again.close()
 
@@ -117,7 +122,9 @@ def test_newer_schema_is_refused_unchanged(tmp_path: Path, version: int) -> None
     s.insert(key("a"), key("s"), mid(1), 0, b"p", force=False)
     s.db.execute(f"PRAGMA user_version={version}")
     s.close()
-    with pytest.raises(StorageError, match=f"schema version {version}, expected 2"):
+    with pytest.raises(
+        StorageError, match=f"schema version {version}, expected {store_mod.SCHEMA_VERSION}"
+    ):
         make_store(tmp_path)
     db = sqlite3.connect(tmp_path / store_mod.DB_FILE)
     assert db.execute("PRAGMA user_version").fetchone()[0] == version
@@ -214,6 +221,8 @@ op_strategy = st.one_of(
 def test_store_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
                                ops: list[tuple[Any, ...]]) -> None:
     s = make_store(tmp_path_factory.mktemp("model"), ttl=TTL_MS / 1000, quota_frames=4)
+    for mailbox in MAILBOXES:  # their identities connected: the full quota (4 here)
+        s.mark_known(mailbox)
     model: dict[tuple[bytes, bytes, bytes], tuple[int, int]] = {}  # key -> (order, expires)
     order = 0
     for op in ops:
@@ -295,11 +304,11 @@ def test_prekey_count_follows_publish_take_and_rollback(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     alice = key("alice")
     store.db.execute("BEGIN")
-    assert store.publish_prekeys(alice, b"spk", (b"k1", b"k2", b"k3")) == 3
+    assert store.publish_prekeys(alice, b"spk", (b"k1", b"k2", b"k3")) == (3, True)
     store.db.execute("COMMIT")
     assert store.otk_counts[alice] == 3
     store.db.execute("BEGIN")
-    assert store.take_prekeys(alice) == (b"spk", b"k1")
+    assert store.take_prekeys(alice) == (b"spk", b"k1", 2)
     store.db.execute("COMMIT")
     assert store.otk_counts[alice] == 2
     store.db.execute("BEGIN")
@@ -309,3 +318,56 @@ def test_prekey_count_follows_publish_take_and_rollback(tmp_path: Path) -> None:
     assert store.otk_counts[alice] == 2
     reopened = make_store(tmp_path)
     assert reopened.otk_counts[alice] == 2
+
+
+# The version 2 schema exactly as relays before schema 3 created it (the migration input).
+V2_SCHEMA = """
+CREATE TABLE parties(id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE);
+CREATE TABLE frames(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    mailbox INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
+    msg_id BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    UNIQUE(mailbox, sender, msg_id)
+);
+CREATE INDEX frames_by_mailbox ON frames(mailbox, seq);
+CREATE INDEX frames_by_expiry ON frames(expires);
+CREATE TABLE signed_prekeys(identity BLOB PRIMARY KEY, spk BLOB NOT NULL);
+CREATE TABLE one_time_prekeys(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity BLOB NOT NULL,
+    otk BLOB NOT NULL
+);
+CREATE INDEX otks_by_identity ON one_time_prekeys(identity, id);
+"""
+
+
+def test_migrates_v2_keeping_frames_and_marking_known_mailboxes(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / store_mod.DB_FILE, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(f"BEGIN; {V2_SCHEMA} PRAGMA user_version=2; COMMIT;")
+    db.execute("INSERT INTO parties(id, key) VALUES (1, ?), (2, ?)", (key("box"), key("snd")))
+    for i in range(3):
+        db.execute("INSERT INTO frames(mailbox, sender, msg_id, ts, expires, payload)"
+                   " VALUES (1, 2, ?, 1000, ?, ?)", (mid(i), 1000 + TTL_MS, b"p%d" % i))
+    db.execute("INSERT INTO signed_prekeys VALUES (?, ?)", (key("ident"), b"spk"))
+    db.close()
+    s = make_store(tmp_path, ttl=TTL_MS / 1000)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 3
+    got = [bytes(r[2]) for r in s.fetch(key("box"), 0, 10, now_ms=1000)]
+    assert got == [mid(0), mid(1), mid(2)]
+    assert s.usage[key("box")] == [3, 6]
+    assert s.is_known(key("box"))  # it held frames: nobody's frames get a shorter life
+    assert s.is_known(wire.mailbox_address(key("ident")))  # it published prekeys
+    assert not s.is_known(key("stranger"))
+    assert s.db.execute("SELECT count(*) FROM frames WHERE origin != 0").fetchone()[0] == 0
+    assert s.delete(key("box"), key("snd"), mid(0))
+    assert s.insert(key("box"), key("snd"), mid(9), 2000, b"q", force=False,
+                    origin=b"127.0.0.0/24") == store_mod.INSERTED
+    s.close()
+    again = make_store(tmp_path, ttl=TTL_MS / 1000)
+    assert again.origin_usage == {again._party(b"127.0.0.0/24", create=False): 1}
+    again.close()

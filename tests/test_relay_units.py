@@ -69,6 +69,7 @@ def make_store(tmp_path: Path, **kw: object) -> store_mod.MailboxStore:
 def test_store_insert_fetch_delete_quota(tmp_path: Path) -> None:
     s = make_store(tmp_path, quota_frames=2, ttl=10.0)
     mb, snd = b"m" * 32, b"s" * 32
+    s.mark_known(mb)
     assert s.insert(mb, snd, b"1" * 16, 1000, b"a", force=False) == store_mod.INSERTED
     assert s.insert(mb, snd, b"1" * 16, 1000, b"a", force=False) == store_mod.DUPLICATE
     assert s.insert(mb, snd, b"2" * 16, 1000, b"bb", force=False) == store_mod.INSERTED
@@ -102,13 +103,20 @@ def test_store_seq_never_reused(tmp_path: Path) -> None:
 def test_store_prekeys(tmp_path: Path) -> None:
     s = make_store(tmp_path)
     ident = b"i" * 32
-    assert s.take_prekeys(ident) == (b"", None)
+    assert s.take_prekeys(ident) == (b"", None, 0)
     otks = tuple(i.to_bytes(4, "big") + bytes(32) for i in range(MAX_STORED_OTKS + 10))
-    assert s.publish_prekeys(ident, b"spk", otks[:100]) == 100
-    assert s.publish_prekeys(ident, b"", otks[100:]) == MAX_STORED_OTKS  # capped
-    assert s.take_prekeys(ident) == (b"spk", otks[0])
-    assert s.take_prekeys(ident) == (b"spk", otks[1])
+    assert s.publish_prekeys(ident, b"spk", otks[:100]) == (100, True)
+    assert s.publish_prekeys(ident, b"", otks[100:]) == (MAX_STORED_OTKS, True)  # capped
+    assert s.publish_prekeys(ident, b"spk", ()) == (MAX_STORED_OTKS, False)  # no change
+    assert s.publish_prekeys(ident, b"", otks[:1]) == (MAX_STORED_OTKS, False)  # full
+    assert s.take_prekeys(ident) == (b"spk", otks[0], MAX_STORED_OTKS - 1)
+    assert s.take_prekeys(ident, one_time=False) == (b"spk", None, MAX_STORED_OTKS - 1)
+    assert s.take_prekeys(ident) == (b"spk", otks[1], MAX_STORED_OTKS - 2)
     assert s.count_prekeys(ident) == MAX_STORED_OTKS - 2
+    # one-time prekeys with no signed prekey anywhere: refused, nothing stored (protocol 3.4)
+    other = b"o" * 32
+    assert s.publish_prekeys(other, b"", otks[:3]) == (store_mod.PUBLISH_REFUSED, False)
+    assert s.count_prekeys(other) == 0
     s.close()
 
 

@@ -308,3 +308,33 @@ def test_fast_encoders_match_the_canonical_ones(msg_id: bytes, status: int, mail
     assert wire.encode_delivered(msg_id, mailbox) == wire.encode(wire.Delivered(msg_id, mailbox))
     with pytest.raises(KeyError):
         wire.encode_accepted(msg_id, 3)
+
+
+@given(st.lists(frames_st, max_size=20), st.integers(1, 2000),
+       st.lists(st.integers(1, 500), max_size=10))
+def test_decoding_with_a_limit_gives_the_same_frames(
+    frames: list[wire.Frame], limit: int, cuts: list[int]
+) -> None:
+    """The relay decodes at most ``limit`` bytes of frames per turn; nothing is lost,
+    reordered or decoded twice, however the bytes arrive."""
+    data = b"".join(wire.encode(f) for f in frames)
+    decoder = wire.FrameDecoder()
+    got: list[wire.Frame] = []
+    pos = 0
+    for cut in [*cuts, len(data)]:
+        chunk, pos = data[pos : pos + cut], pos + cut
+        got += decoder.feed(chunk, limit)
+        while decoder.more:
+            got += decoder.feed(b"", limit)
+    assert got == frames
+    assert decoder.buffered == 0 and not decoder.more
+
+
+def test_limit_leaves_complete_frames_undecoded() -> None:
+    frames = [wire.Ping(i) for i in range(10)]  # 14 bytes each
+    decoder = wire.FrameDecoder()
+    first = decoder.feed(b"".join(wire.encode(f) for f in frames), 30)
+    assert first == frames[:3]  # stops after the frame that reaches 30 bytes
+    assert decoder.more and decoder.buffered == 7 * 14
+    assert decoder.feed(b"", 1000) == frames[3:]
+    assert not decoder.more

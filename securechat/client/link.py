@@ -247,11 +247,15 @@ class RelayLink:
         pinned_key: bytes | None = None,
         timeout: float = CONNECT_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        sign_public: bytes = b"",
     ) -> RelayLink:
         """Connect and run the Noise XX handshake; check the relay key against the pin.
 
         ``pinned_key`` (``--relay-key``) wins over ``known_relays`` and, once the
         relay has proven it holds it, is recorded there, as the docs promise.
+        ``sign_public``: our 32-byte Ed25519 public key, sent as the message-3 payload
+        (encrypted, after the relay proved its key) so the relay's logs show the
+        identity fingerprint users see (protocol 2); empty sends nothing, as before.
         """
         host, port = parse_address(address)
         recorded = known.lookup(address)
@@ -262,7 +266,8 @@ class RelayLink:
                 raise _key_mismatch(address, remote, expected, known, explicit=pinned_key)
 
         conn = noise.NoiseConnection(
-            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify
+            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify,
+            payload=sign_public,
         )
         sock = _open_socket(address, host, port, timeout)
         try:

@@ -61,6 +61,7 @@ from securechat.client.peers import Conversation, KnownPeers, direct_conv_id, gr
 from securechat.client.store import ClientStore
 from securechat.errors import (
     InternalError,
+    InUseError,
     ProtocolError,
     RelayKeyChangedError,
     SecureChatError,
@@ -270,13 +271,14 @@ class Messenger:
 
     def _connect_loop(self) -> None:
         delay = BACKOFF_INITIAL
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.fatal is None:
             try:
                 link = RelayLink.connect(
                     self.relay_address,
                     self.identity.dh_private,
                     self._known_relays,
                     pinned_key=self._pinned,
+                    sign_public=self.identity.public.sign,
                 )
             except RelayKeyChangedError as exc:
                 self.fatal = exc
@@ -305,7 +307,7 @@ class Messenger:
             self._emit(ConnectionEvent(True, f"connected to {self.relay_address}"))
             now = time.monotonic()
             last_ping = last_rotation = last_held = now
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.fatal is None:
                 frames = link.receive(POLL_INTERVAL)
                 if frames:
                     self._handle(link, frames)
@@ -762,6 +764,15 @@ class Messenger:
 
     def _on_error(self, frame: wire.Error) -> None:
         reason = wire.ERROR_NAMES.get(frame.code, str(frame.code))
+        if frame.code == wire.REPLACED:
+            # Reconnecting would replace the other connection in turn, back and forth.
+            self.fatal = InUseError(
+                "another connection with this identity (a securechat process here or on "
+                "another machine) replaced this one at the relay; this one stopped. Run one "
+                "client per identity"
+            )
+            self._emit(NoticeEvent(str(self.fatal), error=True))
+            return
         if frame.msg_id != wire.NO_ID and frame.code == wire.TOO_LARGE:
             with self._lock, self.store.transaction():
                 self.store.outbox_remove(frame.msg_id)

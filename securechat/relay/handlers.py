@@ -6,15 +6,26 @@ Delivery rules, in the order they are applied to one copy (mailbox, sender, id):
 2. recipient offline -> stored; ``Accepted(1)`` after COMMIT (or QUOTA_EXCEEDED /
    STORE_FAILED, never a silent drop);
 3. recipient online, live, with room -> ``Deliver`` now; the sender's
-   ``Accepted(2)`` waits for the recipient's ``Ack`` (and is the receipt: a
-   ``Delivered`` follows only for the copies of a SendMulti); no Ack within
-   the ack timeout, or the recipient leaves -> stored, then ``Accepted(1)``;
+   ``Accepted(2)`` waits for the recipient's ``Ack``; no Ack within the ack
+   timeout, or the recipient leaves -> stored, then ``Accepted(1)``;
 4. recipient online but catching up from the store or stalled -> stored and
    fetched in order later (``Accepted(1)`` after COMMIT).
 
 A SendMulti is one submission with one copy per recipient: ``Accepted`` (the
 lowest status of its copies) once every copy is safe; ``Error`` as soon as one
 copy is refused (the sender retries the whole frame; retries are idempotent).
+The relay sends no ``Delivered`` receipts (deprecated): what reached the peer's
+device is for the peers' end-to-end receipts to say, which a relay cannot forge.
+
+An ``Ack`` entry counts only for a copy this connection was actually given (live,
+awaiting its Ack, or sent from the store on this connection); any other entry is
+ignored without touching the store, so acknowledgements cannot be used to make
+the relay work for nothing.
+
+Handlers return None, or the seconds to wait when a frame's shared budget
+(``guard.Budgets``: FetchPrekeys, PresenceSubscribe, PublishPrekeys) is spent:
+the worker then holds that frame and the ones after it and reads nothing more
+from the connection until the budget allows.
 """
 
 from __future__ import annotations
@@ -23,8 +34,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from securechat import wire
+from securechat.relay import guard
 from securechat.relay import store as st
-from securechat.relay.limits import MAX_INFLIGHT
+from securechat.relay.limits import (
+    ACK_ENTRIES_PER_COST,
+    MAX_INFLIGHT,
+    PREKEY_LOW_MARKS,
+    SUBSCRIBE_KEYS_PER_COST,
+)
 from securechat.relay.router import OPEN, Copy, Inflight, Submission, recent_key, resolve
 
 if TYPE_CHECKING:
@@ -36,15 +53,20 @@ STALL_AFTER_S: Final = 0.25  # ... the oldest unacked for this long ...
 STALL_TURNS: Final = 3  # ... and this many loop turns, nothing read since: stalled
 
 
-def on_send(w: Worker, conn: Conn, f: wire.Send) -> None:
+Wait = float | None  # what a handler returns: None, or seconds to hold the frame
+
+
+def on_send(w: Worker, conn: Conn, f: wire.Send) -> Wait:
     route_copy(w, conn, Submission(conn, f.msg_id, 1), f.mailbox, f.payload, w.now_ms)
+    return None
 
 
-def on_send_multi(w: Worker, conn: Conn, f: wire.SendMulti) -> None:
+def on_send_multi(w: Worker, conn: Conn, f: wire.SendMulti) -> Wait:
     sub = Submission(conn, f.msg_id, len(f.recipients))
     ts = w.now_ms
     for mailbox, payload in f.recipients:
         route_copy(w, conn, sub, mailbox, payload, ts)
+    return None
 
 
 def route_copy(
@@ -61,7 +83,9 @@ def route_copy(
     # needs the router's lock, and only then do we build the closure for it.
     target = router.online.get(mailbox)
     if target is None:
-        target = router.route(mailbox, lambda: w.store_copy(copy, force=False, subs=[sub]))
+        target = router.route(
+            mailbox, lambda: w.store_copy(copy, force=False, subs=[sub], conn=conn)
+        )
         if target is None:
             return
     tw = target.worker
@@ -133,93 +157,132 @@ def _stalled(w: Worker, conn: Conn) -> bool:
     )
 
 
-def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> None:
+def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> Wait:
     mailbox = conn.mailbox
     assert mailbox is not None
-    w.ctx.router.remember_acked_many([mailbox + s + m for s, m in f.entries])
+    entries = f.entries
+    extra = len(entries) // ACK_ENTRIES_PER_COST  # each entry is decoded and looked up
+    if extra:
+        w.charge_frames(conn, extra)
     inflight = conn.inflight
+    sent_stored = conn.sent_stored
+    acked: list[bytes] = []
     to_delete: list[tuple[bytes, bytes]] = []
-    for key in f.entries:  # (sender, msg_id): the same tuple as the inflight key
+    for key in entries:  # (sender, msg_id): the same tuple as the inflight key
         entry = inflight.pop(key, None)
         if entry is None:
-            conn.sent_stored.discard(key)
-            to_delete.append(key)
-            continue
+            if key in sent_stored:  # sent from the store on this connection
+                sent_stored.discard(key)
+                to_delete.append(key)
+                acked.append(mailbox + key[0] + key[1])
+            continue  # anything else: not ours to acknowledge, ignored
+        acked.append(mailbox + key[0] + key[1])
         size = len(entry.copy.payload)
         conn.inflight_bytes -= size
         w.inflight_bytes -= size
-        first = entry.subs[0]
-        # A single Send's Accepted(2) already says "delivered to the device"; only a
-        # SendMulti's copies need their own receipt (its Accepted waits for all copies).
-        receipt = wire.encode_delivered(key[1], mailbox) if first.copies > 1 else None
         for sub in entry.subs:
-            resolve(sub, wire.STATUS_DELIVERED, receipt if sub is first else None)
-    if not conn.inflight:
+            resolve(sub, wire.STATUS_DELIVERED)
+    if acked:
+        w.ctx.router.remember_acked_many(acked)
+    if not inflight:
         w.awaiting.discard(conn)
-    if not to_delete:
-        return
+    if to_delete:
 
-    def op(store: st.MailboxStore, now: int) -> list[tuple[bytes, bytes]]:
-        return [k for k in to_delete if store.delete(mailbox, k[0], k[1])]
+        def op(store: st.MailboxStore, now: int) -> None:
+            for sender, msg_id in to_delete:
+                store.delete(mailbox, sender, msg_id)
 
-    def done(deleted: list[tuple[bytes, bytes]] | None) -> None:
-        for sender, msg_id in deleted or ():
-            notify_delivered(w, sender, msg_id, mailbox)
-
-    w.store_request(op, done)
+        w.store_request(op, None, conn)
+    return None
 
 
-def notify_delivered(w: Worker, sender: bytes, msg_id: bytes, mailbox: bytes) -> None:
-    """Best-effort receipt to the sender, if it is connected (a stored copy was acked)."""
-    target = w.ctx.router.online.get(wire.mailbox_address(sender))
-    if target is not None:
-        target.worker.call_soon(
-            target.worker.queue_frame, target, wire.encode_delivered(msg_id, mailbox)
-        )
-
-
-def on_publish(w: Worker, conn: Conn, f: wire.PublishPrekeys) -> None:
+def on_publish(w: Worker, conn: Conn, f: wire.PublishPrekeys) -> Wait:
     identity = conn.identity
     assert identity is not None
+    wait = w.ctx.budgets.charge(guard.PUBLISH, identity, conn.prefix, 1.0, w.now)
+    if wait:
+        return wait
 
-    def op(store: st.MailboxStore, now: int) -> int:
+    def op(store: st.MailboxStore, now: int) -> tuple[int, bool]:
         return store.publish_prekeys(identity, f.signed_prekey, f.one_time_prekeys)
 
-    w.store_request(op, lambda count: _reply_count(w, conn, count))
-
-
-def _reply_count(w: Worker, conn: Conn, count: int | None) -> None:
-    if count is None:
-        frame = wire.Error(wire.STORE_FAILED, wire.NO_ID, "relay store failed")
-        w.queue_frame(conn, wire.encode(frame))
-    else:
-        w.queue_frame(conn, wire.encode(wire.PrekeyCount(count)))
-
-
-def on_fetch_prekeys(w: Worker, conn: Conn, f: wire.FetchPrekeys) -> None:
-    def op(store: st.MailboxStore, now: int) -> tuple[bytes, bytes | None]:
-        return store.take_prekeys(f.identity_key)
-
-    def done(result: tuple[bytes, bytes | None] | None) -> None:
+    def done(result: tuple[int, bool] | None) -> None:
         if result is None:
             frame = wire.Error(wire.STORE_FAILED, wire.NO_ID, "relay store failed")
             w.queue_frame(conn, wire.encode(frame))
             return
-        spk, otk = result
-        w.queue_frame(conn, wire.encode(wire.Prekeys(f.identity_key, spk, otk)))
+        count, changed = result
+        if count == st.PUBLISH_REFUSED:
+            reason = "one-time prekeys without a signed prekey (publish one first)"
+            w.close(conn, reason, (wire.BAD_FRAME, wire.NO_ID))
+        elif changed:  # an unchanged bundle gets no answer: that ends a publish loop
+            w.queue_frame(conn, wire.encode(wire.PrekeyCount(count)))
 
-    w.store_request(op, done)
+    w.store_request(op, done, conn)
+    return None
 
 
-def on_ping(w: Worker, conn: Conn, f: wire.Ping) -> None:
+def on_fetch_prekeys(w: Worker, conn: Conn, f: wire.FetchPrekeys) -> Wait:
+    identity = conn.identity
+    assert identity is not None
+    budgets = w.ctx.budgets
+    wait = budgets.charge(guard.FETCH, identity, conn.prefix, 1.0, w.now)
+    if wait:
+        return wait
+    target = f.identity_key
+    # Beyond the target's hand-out budget the bundle goes without a one-time prekey
+    # (never "no bundle": a client reads that as "this peer has published none").
+    one_time = w.ctx.store.prekey_count(target) > 0 and budgets.take_one_time_prekey(
+        target, w.now
+    )
+
+    def op(store: st.MailboxStore, now: int) -> tuple[bytes, bytes | None, int]:
+        return store.take_prekeys(target, one_time=one_time)
+
+    def done(result: tuple[bytes, bytes | None, int] | None) -> None:
+        if result is None:
+            frame = wire.Error(wire.STORE_FAILED, wire.NO_ID, "relay store failed")
+            w.queue_frame(conn, wire.encode(frame))
+            return
+        spk, otk, left = result
+        w.queue_frame(conn, wire.encode(wire.Prekeys(target, spk, otk)))
+        if otk is not None and _crossed_low_mark(left):
+            _tell_owner(w, target, left)
+
+    w.store_request(op, done, conn)
+    return None
+
+
+def _crossed_low_mark(left: int) -> bool:
+    """Did taking one prekey (``left + 1`` -> ``left``) go below a low-water mark?"""
+    return any(left < mark <= left + 1 for mark in PREKEY_LOW_MARKS)
+
+
+def _tell_owner(w: Worker, owner: bytes, left: int) -> None:
+    """Push ``PrekeyCount`` to the owner of the prekeys, if it is connected."""
+    target = w.ctx.router.online.get(wire.mailbox_address(owner))
+    if target is not None:
+        frame = wire.encode(wire.PrekeyCount(left))
+        target.worker.call_soon(target.worker.queue_frame, target, frame)
+
+
+def on_ping(w: Worker, conn: Conn, f: wire.Ping) -> Wait:
     w.queue_frame(conn, wire.encode(wire.Pong(f.nonce)))
+    return None
 
 
-def on_pong(w: Worker, conn: Conn, f: wire.Pong) -> None:
+def on_pong(w: Worker, conn: Conn, f: wire.Pong) -> Wait:
     """A Pong keeps the connection alive like any frame; nothing else to do."""
+    return None
 
 
-def on_subscribe(w: Worker, conn: Conn, f: wire.PresenceSubscribe) -> None:
+def on_subscribe(w: Worker, conn: Conn, f: wire.PresenceSubscribe) -> Wait:
+    identity = conn.identity
+    assert identity is not None
+    cost = 1.0 + len(f.identity_keys) // SUBSCRIBE_KEYS_PER_COST
+    wait = w.ctx.budgets.charge(guard.SUBSCRIBE, identity, conn.prefix, cost, w.now)
+    if wait:
+        return wait
     new = frozenset(f.identity_keys)
     router = w.ctx.router
     router.watch(conn, conn.watching, new)
@@ -227,9 +290,10 @@ def on_subscribe(w: Worker, conn: Conn, f: wire.PresenceSubscribe) -> None:
     for key in f.identity_keys:
         online = wire.mailbox_address(key) in router.online
         w.queue_frame(conn, wire.encode(wire.Presence(key, online)))
+    return None
 
 
-HANDLERS: Final[dict[type, Callable[[Any, Any, Any], None]]] = {
+HANDLERS: Final[dict[type, Callable[[Any, Any, Any], Wait]]] = {
     wire.Send: on_send,
     wire.SendMulti: on_send_multi,
     wire.Ack: on_ack,

@@ -31,7 +31,8 @@ SECRET_PREFIX: Final = "screlaysecret1"  # noqa: S105 - a type prefix, not a sec
 PUBLIC_PREFIX: Final = "screlay1"
 
 
-def _ensure_dir(directory: Path) -> None:
+def ensure_dir(directory: Path) -> None:
+    """Create the relay's data directory (0700) if it does not exist."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -65,7 +66,7 @@ def _parse(text: str, path: Path) -> bytes:
 
 def load_or_create(directory: Path, rng: Callable[[int], bytes] = os.urandom) -> bytes:
     """Return the relay's private key, generating and saving it on first start."""
-    _ensure_dir(directory)
+    ensure_dir(directory)
     path = directory / KEY_FILE
     try:
         if not path.exists():

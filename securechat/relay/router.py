@@ -36,8 +36,39 @@ OPEN: Final = 1
 CLOSED: Final = 2
 
 # A copy's outcome, as posted to the sender's worker: positive = Accepted status,
-# negative = -(wire error code).
+# negative = a refusal (REFUSALS: the wire error code and the reason the sender reads).
 Outcome = int
+REFUSED_MAILBOX_FULL: Final = -1
+REFUSED_UNKNOWN_FULL: Final = -2
+REFUSED_SENDER_QUOTA: Final = -3
+REFUSED_PREFIX_QUOTA: Final = -4
+REFUSED_STORE_FAILED: Final = -5
+REFUSED_STORE_FULL: Final = -6
+REFUSALS: Final[dict[int, tuple[int, str]]] = {
+    REFUSED_MAILBOX_FULL: (wire.QUOTA_EXCEEDED, "the recipient's mailbox is full"),
+    REFUSED_UNKNOWN_FULL: (
+        wire.QUOTA_EXCEEDED,
+        "the recipient has never connected to this relay and its mailbox holds little",
+    ),
+    REFUSED_SENDER_QUOTA: (
+        wire.QUOTA_EXCEEDED, "you have stored your share of this relay (waiting for recipients)"
+    ),
+    REFUSED_PREFIX_QUOTA: (
+        wire.QUOTA_EXCEEDED, "your network has stored its share of this relay"
+    ),
+    REFUSED_STORE_FAILED: (wire.STORE_FAILED, "relay store failed"),
+    REFUSED_STORE_FULL: (wire.STORE_FAILED, "relay storage is full; retry later"),
+}
+_INSERT_OUTCOMES: Final[dict[int, Outcome]] = {
+    st.INSERTED: wire.STATUS_STORED,
+    st.DUPLICATE: wire.STATUS_STORED,
+    st.OVER_QUOTA: REFUSED_MAILBOX_FULL,
+    st.UNKNOWN_OVER_QUOTA: REFUSED_UNKNOWN_FULL,
+    st.SENDER_OVER_QUOTA: REFUSED_SENDER_QUOTA,
+    st.PREFIX_OVER_QUOTA: REFUSED_PREFIX_QUOTA,
+    st.LOW_SPACE: REFUSED_STORE_FAILED,
+    st.STORE_FULL: REFUSED_STORE_FULL,
+}
 
 
 class Submission:
@@ -55,7 +86,11 @@ class Submission:
 
 
 class Copy:
-    """One recipient's copy of a submitted payload, on its way."""
+    """One recipient's copy of a submitted payload, on its way.
+
+    The sender's address prefix (for the store's per-prefix quota) is read from
+    the submission's connection when the copy is stored.
+    """
 
     __slots__ = ("mailbox", "msg_id", "payload", "sender", "sub", "ts")
 
@@ -164,40 +199,30 @@ def recent_key(mailbox: bytes, sender: bytes, msg_id: bytes) -> bytes:
 
 def insert_outcome(result: int | None) -> Outcome:
     """Map a store insert result (None: the store failed) to a copy outcome."""
-    if result is None or result == st.LOW_SPACE:
-        return -wire.STORE_FAILED
-    if result == st.OVER_QUOTA:
-        return -wire.QUOTA_EXCEEDED
-    return wire.STATUS_STORED
+    if result is None:
+        return REFUSED_STORE_FAILED
+    return _INSERT_OUTCOMES.get(result, REFUSED_STORE_FAILED)
 
 
-def resolve(sub: Submission, outcome: Outcome, receipt: bytes | None = None) -> None:
+def resolve(sub: Submission, outcome: Outcome) -> None:
     """Report one copy's outcome to its submission, on the sender's worker.
 
-    ``receipt``: an encoded ``Delivered`` for the sender, sent in the same
-    hand-off (and the same output record) as the ``Accepted``. Called on the
-    sender's own worker (the common case with one worker) it runs at once.
+    Called on the sender's own worker (the common case with one worker) it runs at once.
     """
     worker = sub.conn.worker
     if worker.on_own_thread():
-        _resolve(sub, outcome, receipt)
-    else:
-        worker.call_soon(_resolve, sub, outcome, receipt)
-
-
-def _resolve(sub: Submission, outcome: Outcome, receipt: bytes | None) -> None:
-    if not sub.done:
         _settle(sub, outcome)
-    if receipt is not None:  # after the Accepted: a client shows the later, stronger status
-        _receipt(sub.conn, receipt)
+    else:
+        worker.call_soon(_settle, sub, outcome)
 
 
 def _settle(sub: Submission, outcome: Outcome) -> None:
+    if sub.done:
+        return
     conn = sub.conn
     if outcome < 0:
         sub.done = True
-        code = -outcome
-        reason = "mailbox quota exceeded" if code == wire.QUOTA_EXCEEDED else "relay store failed"
+        code, reason = REFUSALS[outcome]
         conn.worker.queue_frame(conn, wire.encode(wire.Error(code, sub.msg_id, reason)))
         return
     sub.remaining -= 1
@@ -206,14 +231,3 @@ def _settle(sub: Submission, outcome: Outcome) -> None:
     if sub.remaining == 0:
         sub.done = True
         conn.worker.queue_frame(conn, wire.encode_accepted(sub.msg_id, sub.status))
-
-
-def _receipt(conn: Conn, receipt: bytes) -> None:
-    """Queue a ``Delivered`` for the sender; to its newer connection if this one is gone."""
-    if conn.state == OPEN:
-        conn.worker.queue_frame(conn, receipt)
-        return
-    mailbox = conn.mailbox
-    current = conn.worker.ctx.router.online.get(mailbox) if mailbox is not None else None
-    if current is not None and current is not conn:
-        current.worker.call_soon(current.worker.queue_frame, current, receipt)

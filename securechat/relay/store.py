@@ -16,9 +16,18 @@ Failure: if a batch fails (disk full, read-only, corrupt), it is rolled back
 and every request is retried alone, so only the ones that really fail get the
 failure reply (the relay turns it into ``Error(STORE_FAILED)``).
 
-Schema version 2 (``PRAGMA user_version``); frames are ordered by an
+Schema version 3 (``PRAGMA user_version``); frames are ordered by an
 AUTOINCREMENT ``seq`` that never reuses a value, so a reader's cursor
 (``seq > last seen``) cannot miss a row inserted after a deletion.
+
+Quotas (all in memory, recounted from the table on open and after a rollback):
+per mailbox (frames and bytes; a mailbox whose identity never connected gets a
+small quota and a short lifetime), per sender identity, per sender address
+prefix (the ``origin`` column, version 3), and a global cap on what is stored.
+Why not per mailbox alone: any 32 bytes is a valid mailbox, so one sender could
+fill the disk through mailboxes nobody will ever read. "Known" mailboxes (their
+identity has connected at least once) are a table written once per identity,
+never per connection, and cached in memory.
 
 Why version 2 names parties by number: every stored frame adds one entry to
 two indexes that lead with the mailbox (the duplicate check and the reader's
@@ -30,7 +39,7 @@ entries are about 25 bytes, the indexes four times smaller, and a batch
 touches far fewer pages: the bytes written per frame fell from about 16 KiB
 to about 4 KiB. The map is exact (no hash, no collision); its in-memory
 cache is dropped on every rollback, so it never names an id that was not
-committed. A version 1 store is migrated in one transaction on open, and a
+committed. A version 1 or 2 store is migrated in one transaction on open, and a
 newer version is refused.
 """
 
@@ -48,12 +57,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from securechat import wire
 from securechat.errors import StorageError
-from securechat.relay.limits import MAX_STORED_OTKS, STORE_BATCH, RelayConfig
+from securechat.relay.limits import (
+    KNOWN_MAILBOX_CACHE,
+    MAX_STORED_OTKS,
+    STORE_BATCH,
+    STORE_FILL_RATIO,
+    STORE_REQUEST_COST,
+    STORE_ROW_OVERHEAD,
+    RelayConfig,
+)
 
 log = logging.getLogger("securechat.relay")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DB_FILE: Final = "relay.sqlite3"
 PAGE_SIZE: Final = 4096
 WAL_SIZE_LIMIT: Final = 1024 * 1024  # bytes kept of the WAL after a checkpoint
@@ -63,13 +81,20 @@ SQLITE_FULL: Final = 13  # SQLite's result code for "database or disk is full"
 # Insert results
 INSERTED: Final = 1
 DUPLICATE: Final = 2
-OVER_QUOTA: Final = 3
+OVER_QUOTA: Final = 3  # the recipient's mailbox is full
 LOW_SPACE: Final = 4  # refused: the disk is full and the reserve is spent
+SENDER_OVER_QUOTA: Final = 5  # the sender identity stored its share
+PREFIX_OVER_QUOTA: Final = 6  # the sender's address prefix stored its share
+UNKNOWN_OVER_QUOTA: Final = 7  # a mailbox nobody ever connected for is full
+STORE_FULL: Final = 8  # the relay's global cap (--store-max-bytes) is reached
+# Publish results (besides the count)
+PUBLISH_REFUSED: Final = -1  # one-time prekeys with no signed prekey (protocol 3.4)
 RESERVE_FILE: Final = "relay.reserve"
 # Space held back for a full disk: released so that acknowledgements (deletes)
 # and the WAL checkpoint that frees space can still be written.
 RESERVE_BYTES: Final = 128 * 1024
 SPACE_CHECK_S: Final = 0.5  # how often a store in low-space mode retries the reserve
+KNOWN_FLUSH_S: Final = 1.0  # how often newly connected identities are recorded as known
 FAILED: Final = 4
 # Chosen: party ids kept in memory (32-byte key -> int); past it the cache starts over.
 MAX_CACHED_PARTIES: Final = 1 << 18
@@ -84,6 +109,7 @@ CREATE TABLE frames(
     ts INTEGER NOT NULL,
     expires INTEGER NOT NULL,
     payload BLOB NOT NULL,
+    origin INTEGER NOT NULL DEFAULT 0,
     UNIQUE(mailbox, sender, msg_id)
 );
 CREATE INDEX frames_by_mailbox ON frames(mailbox, seq);
@@ -95,6 +121,7 @@ CREATE TABLE one_time_prekeys(
     otk BLOB NOT NULL
 );
 CREATE INDEX otks_by_identity ON one_time_prekeys(identity, id);
+CREATE TABLE known_mailboxes(mailbox BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 
 # Version 1 -> 2: the same rows (same seq) with keys replaced by party ids; the
@@ -114,6 +141,16 @@ _MIGRATE_1_TO_2: Final = (
     "CREATE INDEX frames_by_expiry ON frames(expires)",
 )
 
+# Version 2 -> 3: the sender's address prefix per frame (0: unknown, frames stored
+# before), and the mailboxes known to have connected. Every mailbox that holds frames
+# at migration time is taken as known, so no stored frame gets a shorter life.
+_MIGRATE_2_TO_3: Final = (
+    "ALTER TABLE frames ADD COLUMN origin INTEGER NOT NULL DEFAULT 0",
+    "CREATE TABLE known_mailboxes(mailbox BLOB PRIMARY KEY) WITHOUT ROWID",
+    "INSERT OR IGNORE INTO known_mailboxes(mailbox)"
+    " SELECT DISTINCT p.key FROM frames f JOIN parties p ON p.id = f.mailbox",
+)
+
 Row = tuple[int, bytes, bytes, int, bytes]  # seq, sender, msg_id, ts, payload
 
 
@@ -129,6 +166,10 @@ class MailboxStore:
     def __init__(self, path: Path, config: RelayConfig) -> None:
         self._config = config
         self._ttl_ms = int(config.ttl * 1000)
+        # An unknown mailbox never gets more than a known one (a tighter --ttl wins).
+        self._unknown_ttl_ms = int(min(config.unknown_ttl, config.ttl) * 1000)
+        self._cap = int(config.store_max_bytes * STORE_FILL_RATIO)
+        self.at_cap = False  # the global cap refuses new frames (logged once per episode)
         self._reserve = path.with_name(RESERVE_FILE)
         self.low_space = not self.restore_reserve(headroom=0)
         self._parties: dict[bytes, int] = {}  # cache of the parties table (key -> id)
@@ -144,7 +185,25 @@ class MailboxStore:
         # store round trip (workers read both dicts; only the store thread writes).
         self.usage: dict[bytes, list[int]] = {}
         self.otk_counts: dict[bytes, int] = {}
+        # Stored payload bytes per sender party id and per origin (prefix) party id, and
+        # the total cost (payload + STORE_ROW_OVERHEAD per frame) for the global cap.
+        self.sender_usage: dict[int, int] = {}
+        self.origin_usage: dict[int, int] = {}
+        self.total_cost = 0
         self.recount()
+        # Mailboxes known to have connected (a cache of known_mailboxes; workers read it
+        # to skip the store when a connection's mailbox is already recorded).
+        rows = self.db.execute(
+            "SELECT mailbox FROM known_mailboxes LIMIT ?", (KNOWN_MAILBOX_CACHE,)
+        )
+        self.known: dict[bytes, None] = {bytes(mb): None for (mb,) in rows}
+        # Mailboxes whose identity connected and that are not recorded yet: workers add
+        # (StoreThread.note_known), the store thread records them in one transaction
+        # every KNOWN_FLUSH_S, so a burst of new identities costs one commit, not one each.
+        self.pending_known: set[bytes] = set()
+        # Mailboxes looked up and not known (store thread only): most frames for a stranger
+        # come in runs, and a look-up per frame cost the stored path a quarter of its rate.
+        self._unknown: dict[bytes, None] = {}
 
     def _setup(self) -> None:
         db = self.db
@@ -159,8 +218,8 @@ class MailboxStore:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version == 1:
-            self._migrate_from_1()
+        elif version in (1, 2):
+            self._migrate(version)
         elif version != SCHEMA_VERSION:
             raise StorageError(
                 f"relay store has schema version {version}, expected {SCHEMA_VERSION}"
@@ -170,21 +229,20 @@ class MailboxStore:
             pages = max(self._config.store_max_bytes // PAGE_SIZE, 1)
             db.execute(f"PRAGMA max_page_count={pages}")
 
-    def _migrate_from_1(self) -> None:
-        """Rewrite a version 1 store in one transaction (all or nothing), keeping every seq."""
+    def _migrate(self, version: int) -> None:
+        """Bring a version 1 or 2 store to version 3 in one transaction (all or nothing)."""
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
-            last = db.execute(
-                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'frames'"
-            ).fetchone()[0]
-            for statement in _MIGRATE_1_TO_2:
+            if version == 1:
+                self._migrate_1_to_2()
+            for statement in _MIGRATE_2_TO_3:
                 db.execute(statement)
-            db.execute("DELETE FROM sqlite_sequence WHERE name IN ('frames', 'frames_v2')")
-            db.execute(
-                "INSERT INTO sqlite_sequence(name, seq)"
-                " SELECT 'frames', max(?, coalesce(max(seq), 0)) FROM frames",
-                (last,),
+            # Identities that published prekeys have connected: their mailboxes are known.
+            identities = [bytes(r[0]) for r in db.execute("SELECT identity FROM signed_prekeys")]
+            db.executemany(
+                "INSERT OR IGNORE INTO known_mailboxes(mailbox) VALUES (?)",
+                [(wire.mailbox_address(i),) for i in identities if len(i) == wire.KEY_SIZE],
             )
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
@@ -192,10 +250,26 @@ class MailboxStore:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
-        log.info("relay store migrated from schema version 1 to %d", SCHEMA_VERSION)
+        log.info("relay store migrated from schema version %d to %d", version, SCHEMA_VERSION)
+
+    def _migrate_1_to_2(self) -> None:
+        """Keys become party ids, keeping every seq (inside the caller's transaction)."""
+        db = self.db
+        last = db.execute(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'frames'"
+        ).fetchone()[0]
+        for statement in _MIGRATE_1_TO_2:
+            db.execute(statement)
+        db.execute("DELETE FROM sqlite_sequence WHERE name IN ('frames', 'frames_v2')")
+        db.execute(
+            "INSERT INTO sqlite_sequence(name, seq)"
+            " SELECT 'frames', max(?, coalesce(max(seq), 0)) FROM frames",
+            (last,),
+        )
 
     def _party(self, key: bytes, *, create: bool) -> int | None:
-        """The id of a mailbox or sender key; with ``create``, a new one if it has none.
+        """The id of a mailbox, sender key or origin prefix; with ``create``, a new one if
+        it has none.
 
         The cache only ever holds ids read or written in the current transaction
         or before it; ``forget_uncommitted`` empties it on rollback, so an id that
@@ -219,8 +293,10 @@ class MailboxStore:
         return pid
 
     def forget_uncommitted(self) -> None:
-        """After a rollback: drop cached party ids (some may be undone) and recount usage."""
+        """After a rollback: drop cached ids and known mailboxes (some may be undone), recount."""
         self._parties.clear()
+        self.known = {}
+        self._unknown.clear()
         self.recount()
 
     def release_reserve(self) -> bool:
@@ -271,6 +347,17 @@ class MailboxStore:
             " JOIN parties p ON p.id = f.mailbox GROUP BY f.mailbox"
         )
         self.usage = {bytes(mb): [n, size] for mb, n, size in rows}
+        self.sender_usage = dict(
+            self.db.execute("SELECT sender, sum(length(payload)) FROM frames GROUP BY sender")
+        )
+        self.origin_usage = dict(
+            self.db.execute(
+                "SELECT origin, sum(length(payload)) FROM frames WHERE origin != 0"
+                " GROUP BY origin"
+            )
+        )
+        frames = sum(n for n, _ in self.usage.values())
+        self.total_cost = sum(b for _, b in self.usage.values()) + frames * STORE_ROW_OVERHEAD
         counts = self.db.execute(
             "SELECT identity, count(*) FROM one_time_prekeys GROUP BY identity"
         )
@@ -279,37 +366,137 @@ class MailboxStore:
     def close(self) -> None:
         self.db.close()
 
+    # --- known mailboxes -----------------------------------------------------------------------
+    def is_known(self, mailbox: bytes) -> bool:
+        """Has the identity of ``mailbox`` ever connected (or is it recorded as such)?"""
+        if mailbox in self.known or mailbox in self.pending_known:
+            return True
+        if mailbox in self._unknown:
+            return False
+        row = self.db.execute(
+            "SELECT 1 FROM known_mailboxes WHERE mailbox=?", (mailbox,)
+        ).fetchone()
+        if row is None:
+            if len(self._unknown) >= KNOWN_MAILBOX_CACHE:
+                self._unknown.clear()
+            self._unknown[mailbox] = None
+            return False
+        self._remember_known(mailbox)
+        return True
+
+    def mark_known(self, mailbox: bytes) -> bool:
+        """Record that ``mailbox``'s identity connected; True the first time ever.
+
+        The first time, frames already waiting for it (stored with the short
+        lifetime of an unknown mailbox) get the full lifetime.
+        """
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO known_mailboxes(mailbox) VALUES (?)", (mailbox,)
+        )
+        self._remember_known(mailbox)
+        if cur.rowcount != 1:
+            return False
+        mailbox_id = self._party(mailbox, create=False)
+        if mailbox_id is not None:
+            self.db.execute(
+                "UPDATE frames SET expires = ts + ? WHERE mailbox = ?", (self._ttl_ms, mailbox_id)
+            )
+        return True
+
+    def _remember_known(self, mailbox: bytes) -> None:
+        self._unknown.pop(mailbox, None)
+        if len(self.known) >= KNOWN_MAILBOX_CACHE:
+            self.known = {}  # a fresh dict: workers reading the old one are unaffected
+        self.known[mailbox] = None
+
     # --- frames ------------------------------------------------------------------------------
     def insert(
-        self, mailbox: bytes, sender: bytes, msg_id: bytes, ts: int, payload: bytes, *, force: bool
+        self,
+        mailbox: bytes,
+        sender: bytes,
+        msg_id: bytes,
+        ts: int,
+        payload: bytes,
+        *,
+        force: bool,
+        origin: bytes = b"",
     ) -> int:
-        """Store one copy; INSERTED, DUPLICATE (idempotent retry) or OVER_QUOTA.
+        """Store one copy; INSERTED, DUPLICATE (idempotent retry) or a refusal.
 
-        ``force`` skips the quota: used for a copy that was already delivered
-        live but not acknowledged in time, which must not be lost.
+        ``force`` skips the per-mailbox, per-sender and per-prefix quotas: used for
+        a copy that was already delivered live but not acknowledged in time. The
+        global cap and a full disk refuse even those (the sender keeps the message
+        and retries: nothing acknowledged is lost). ``origin``: the sender's address
+        prefix (empty: not counted per prefix).
         """
         if self.low_space:
             return LOW_SPACE
-        usage = self.usage.get(mailbox)
-        if usage is None:
-            usage = self.usage[mailbox] = [0, 0]
-        cfg = self._config
-        if not force and (
-            usage[0] + 1 > cfg.quota_frames or usage[1] + len(payload) > cfg.quota_bytes
-        ):
-            return DUPLICATE if self._exists(mailbox, sender, msg_id) else OVER_QUOTA
+        size = len(payload)
+        cost = size + STORE_ROW_OVERHEAD
+        if self._cap and self.total_cost + cost > self._cap:
+            if not self.at_cap:
+                self.at_cap = True
+                log.warning(
+                    "store cap reached: %d MiB stored, %d%% of --store-max-bytes %d MiB; new"
+                    " frames are refused (senders keep them and retry) until acknowledgements"
+                    " or expiry free space; raise --store-max-bytes if the disk allows",
+                    self.total_cost >> 20, int(STORE_FILL_RATIO * 100),
+                    self._config.store_max_bytes >> 20,
+                )
+            return DUPLICATE if self._exists(mailbox, sender, msg_id) else STORE_FULL
+        known = self.is_known(mailbox)
+        sender_id = self._party(sender, create=False)
+        origin_id = self._party(origin, create=False) if origin else 0
+        if not force:
+            refusal = self._over_quota(mailbox, sender_id, origin_id, size, known)
+            if refusal:
+                return DUPLICATE if self._exists(mailbox, sender, msg_id) else refusal
         mailbox_id = self._party(mailbox, create=True)
-        sender_id = self._party(sender, create=True)
+        if sender_id is None:
+            sender_id = self._party(sender, create=True)
+        if origin_id is None:
+            origin_id = self._party(origin, create=True)
+        assert sender_id is not None and origin_id is not None
+        ttl = self._ttl_ms if known else self._unknown_ttl_ms
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO frames(mailbox, sender, msg_id, ts, expires, payload)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (mailbox_id, sender_id, msg_id, ts, ts + self._ttl_ms, payload),
+            "INSERT OR IGNORE INTO frames(mailbox, sender, msg_id, ts, expires, payload, origin)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (mailbox_id, sender_id, msg_id, ts, ts + ttl, payload, origin_id),
         )
         if cur.rowcount != 1:
             return DUPLICATE
+        usage = self.usage.get(mailbox)
+        if usage is None:
+            usage = self.usage[mailbox] = [0, 0]
         usage[0] += 1
-        usage[1] += len(payload)
+        usage[1] += size
+        self.sender_usage[sender_id] = self.sender_usage.get(sender_id, 0) + size
+        if origin_id:
+            self.origin_usage[origin_id] = self.origin_usage.get(origin_id, 0) + size
+        self.total_cost += cost
         return INSERTED
+
+    def _over_quota(
+        self, mailbox: bytes, sender_id: int | None, origin_id: int | None, size: int,
+        known: bool,
+    ) -> int:
+        """The quota a new copy would break (0: none), the recipient's first."""
+        cfg = self._config
+        frames, stored = self.usage.get(mailbox, (0, 0))
+        if known:
+            if frames + 1 > cfg.quota_frames or stored + size > cfg.quota_bytes:
+                return OVER_QUOTA
+        elif frames + 1 > min(cfg.unknown_quota_frames, cfg.quota_frames) or stored + size > min(
+            cfg.unknown_quota_bytes, cfg.quota_bytes
+        ):
+            return UNKNOWN_OVER_QUOTA
+        if sender_id is not None and (
+            self.sender_usage.get(sender_id, 0) + size > cfg.sender_quota_bytes
+        ):
+            return SENDER_OVER_QUOTA
+        if origin_id and self.origin_usage.get(origin_id, 0) + size > cfg.prefix_quota_bytes:
+            return PREFIX_OVER_QUOTA
+        return 0
 
     def _frame_key(
         self, mailbox: bytes, sender: bytes, msg_id: bytes
@@ -362,16 +549,27 @@ class MailboxStore:
             return False
         row = self.db.execute(
             "DELETE FROM frames WHERE mailbox=? AND sender=? AND msg_id=?"
-            " RETURNING length(payload)",
+            " RETURNING length(payload), origin",
             key,
         ).fetchone()
         if row is None:
             return False
+        size, origin_id = row
         usage = self.usage.get(mailbox)
         if usage is not None:
             usage[0] -= 1
-            usage[1] -= row[0]
+            usage[1] -= size
+        _subtract(self.sender_usage, key[1], size)
+        if origin_id:
+            _subtract(self.origin_usage, origin_id, size)
+        self.total_cost -= size + STORE_ROW_OVERHEAD
+        self._below_cap()
         return True
+
+    def _below_cap(self) -> None:
+        if self.at_cap and self.total_cost < self._cap * 0.9:
+            self.at_cap = False
+            log.info("store below its cap again: accepting new frames")
 
     def purge(self, now_ms: int) -> int:
         """Delete expired frames; then forget parties no frame names any more.
@@ -384,26 +582,44 @@ class MailboxStore:
             self._parties.clear()  # ids below may be deleted (and later reused)
             self.db.execute(
                 "DELETE FROM parties WHERE id NOT IN (SELECT sender FROM frames)"
+                " AND id NOT IN (SELECT origin FROM frames)"
                 " AND NOT EXISTS (SELECT 1 FROM frames WHERE mailbox = parties.id)"
             )
             self.recount()
+            self._below_cap()
         return count
 
     # --- prekeys -------------------------------------------------------------------------------
-    def publish_prekeys(self, identity: bytes, spk: bytes, otks: tuple[bytes, ...]) -> int:
+    def publish_prekeys(
+        self, identity: bytes, spk: bytes, otks: tuple[bytes, ...]
+    ) -> tuple[int, bool]:
+        """Store a bundle; (one-time prekeys held, whether anything changed).
+
+        One-time prekeys need a signed prekey (in this frame or published before):
+        without one they could never be handed out, so the publish is refused
+        (count ``PUBLISH_REFUSED``) and nothing is stored.
+        """
         db = self.db
-        if spk:
+        row = db.execute("SELECT spk FROM signed_prekeys WHERE identity=?", (identity,)).fetchone()
+        old_spk = bytes(row[0]) if row is not None else b""
+        if otks and not spk and not old_spk:
+            return PUBLISH_REFUSED, False
+        changed = False
+        if spk and spk != old_spk:
             db.execute(
                 "INSERT OR REPLACE INTO signed_prekeys(identity, spk) VALUES (?, ?)",
                 (identity, spk),
             )
-        room = MAX_STORED_OTKS - self.count_prekeys(identity)
-        db.executemany(
-            "INSERT INTO one_time_prekeys(identity, otk) VALUES (?, ?)",
-            [(identity, otk) for otk in otks[: max(room, 0)]],
-        )
+            changed = True
+        room = max(MAX_STORED_OTKS - self.count_prekeys(identity), 0)
+        if otks[:room]:
+            db.executemany(
+                "INSERT INTO one_time_prekeys(identity, otk) VALUES (?, ?)",
+                [(identity, otk) for otk in otks[:room]],
+            )
+            changed = True
         count = self.otk_counts[identity] = self.count_prekeys(identity)
-        return count
+        return count, changed
 
     def count_prekeys(self, identity: bytes) -> int:
         row = self.db.execute(
@@ -411,21 +627,35 @@ class MailboxStore:
         ).fetchone()
         return int(row[0])
 
-    def take_prekeys(self, identity: bytes) -> tuple[bytes, bytes | None]:
-        """The signed prekey and one one-time prekey, which is deleted (handed out once)."""
+    def take_prekeys(
+        self, identity: bytes, *, one_time: bool = True
+    ) -> tuple[bytes, bytes | None, int]:
+        """The signed prekey and (with ``one_time``) one one-time prekey, which is deleted
+        (handed out once); and the one-time prekeys left."""
         row = self.db.execute(
             "SELECT spk FROM signed_prekeys WHERE identity=?", (identity,)
         ).fetchone()
+        left = self.otk_counts.get(identity, 0)
         if row is None:
-            return b"", None
-        otk = self.db.execute(
-            "DELETE FROM one_time_prekeys WHERE id = (SELECT id FROM one_time_prekeys"
-            " WHERE identity=? ORDER BY id LIMIT 1) RETURNING otk",
-            (identity,),
-        ).fetchone()
-        if otk is not None:
-            self.otk_counts[identity] = max(self.otk_counts.get(identity, 1) - 1, 0)
-        return bytes(row[0]), (bytes(otk[0]) if otk else None)
+            return b"", None, left
+        otk = None
+        if one_time and left:
+            otk = self.db.execute(
+                "DELETE FROM one_time_prekeys WHERE id = (SELECT id FROM one_time_prekeys"
+                " WHERE identity=? ORDER BY id LIMIT 1) RETURNING otk",
+                (identity,),
+            ).fetchone()
+            if otk is not None:
+                left = self.otk_counts[identity] = max(left - 1, 0)
+        return bytes(row[0]), (bytes(otk[0]) if otk else None), left
+
+
+def _subtract(counts: dict[int, int], key: int, amount: int) -> None:
+    left = counts.get(key, 0) - amount
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 @dataclass(slots=True)
@@ -436,7 +666,7 @@ class Request:
     poster: Poster | None
     fn: Callable[..., None] | None
     mailbox: bytes | None = None  # set on inserts: owners are told about new rows
-    size: int = 0  # payload bytes held by the request (the queue's memory bound)
+    size: int = 0  # payload bytes held by the request (its cost is this + STORE_REQUEST_COST)
     result: Any = None
     failed: bool = False
 
@@ -454,12 +684,16 @@ class StoreThread:
         self._thread = threading.Thread(target=self._run, name="relay-store", daemon=True)
         self._next_purge = 0.0
         self._next_space_check = 0.0
+        self._next_known_flush = 0.0
         self.batches = 0  # for tests and the benchmark: commits so far
-        # Payload bytes queued but not yet committed, changed under ``_count_lock`` by
-        # workers (put) and the store thread (after commit); workers stop reading above
-        # ``store_high_water`` (see worker.py), so a burst cannot grow this queue.
+        # Cost of the requests queued but not yet committed (payload bytes plus
+        # STORE_REQUEST_COST each, so a request without payload is not free), changed
+        # under ``_count_lock`` by workers (put) and the store thread (after commit);
+        # workers stop reading above ``store_high_water`` (see worker.py), so a burst
+        # cannot grow this queue.
         self._count_lock = threading.Lock()
         self.queued_bytes = 0
+        self.queued_requests = 0
         # Inserts queued or running, per mailbox (same lock): with none, and no frame
         # stored, a new connection for that mailbox need not ask the store for its backlog.
         self._pending_inserts: dict[bytes, int] = {}
@@ -469,28 +703,28 @@ class StoreThread:
 
     def put(self, request: Request) -> None:
         mailbox = request.mailbox
-        if request.size or mailbox is not None:
-            with self._count_lock:
-                self.queued_bytes += request.size
-                if mailbox is not None:
-                    pending = self._pending_inserts
-                    pending[mailbox] = pending.get(mailbox, 0) + 1
+        with self._count_lock:
+            self.queued_bytes += request.size + STORE_REQUEST_COST
+            self.queued_requests += 1
+            if mailbox is not None:
+                pending = self._pending_inserts
+                pending[mailbox] = pending.get(mailbox, 0) + 1
         self._queue.put(request)
 
     def _settled(self, batch: list[Request]) -> None:
-        """Committed (or failed): forget the batch's bytes (the workers' back-pressure)."""
+        """Committed (or failed): forget the batch's cost (the workers' back-pressure)."""
         inserts = [req.mailbox for req in batch if req.mailbox is not None]
-        size = sum(req.size for req in batch)
-        if size or inserts:
-            with self._count_lock:
-                self.queued_bytes -= size
-                pending = self._pending_inserts
-                for mailbox in inserts:
-                    left = pending[mailbox] - 1
-                    if left:
-                        pending[mailbox] = left
-                    else:
-                        del pending[mailbox]
+        cost = sum(req.size for req in batch) + STORE_REQUEST_COST * len(batch)
+        with self._count_lock:
+            self.queued_bytes -= cost
+            self.queued_requests -= len(batch)
+            pending = self._pending_inserts
+            for mailbox in inserts:
+                left = pending[mailbox] - 1
+                if left:
+                    pending[mailbox] = left
+                else:
+                    del pending[mailbox]
 
     def may_hold(self, mailbox: bytes) -> bool:
         """False only if ``mailbox`` has no stored frame and no insert queued or running.
@@ -512,6 +746,33 @@ class StoreThread:
         """One-time prekeys held for ``identity`` (a hint for the client to replenish)."""
         return self._store.otk_counts.get(identity, 0)
 
+    def is_known(self, mailbox: bytes) -> bool:
+        """From a worker: is ``mailbox`` in the cache of known mailboxes (or about to be)?"""
+        store = self._store
+        return mailbox in store.known or mailbox in store.pending_known
+
+    def note_known(self, mailbox: bytes) -> None:
+        """From a worker: ``mailbox``'s identity connected; recorded within KNOWN_FLUSH_S."""
+        self._store.pending_known.add(mailbox)
+
+    def _flush_known(self) -> None:
+        """Record the mailboxes noted since the last flush, in one transaction."""
+        store = self._store
+        if not store.pending_known:
+            return
+        noted = list(store.pending_known)
+        db = store.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for mailbox in noted:
+                store.mark_known(mailbox)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("recording %d known mailboxes failed: %s", len(noted), exc)
+            self._rollback()
+            return
+        store.pending_known.difference_update(noted)
+
     def stop(self) -> None:
         """Finish every queued request, then close the database."""
         self._queue.put(None)
@@ -521,7 +782,7 @@ class StoreThread:
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=1.0)
+                first = self._queue.get(timeout=KNOWN_FLUSH_S)
             except queue.Empty:
                 first = _NOTHING
             batch: list[Request] = []
@@ -544,10 +805,15 @@ class StoreThread:
                     self._run_batch(batch)
             except Exception:  # never let the store thread die: log and go on
                 log.exception("store thread error")
+        with contextlib.suppress(Exception):
+            self._flush_known()
         self._store.close()
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
+        if now >= self._next_known_flush:
+            self._next_known_flush = now + KNOWN_FLUSH_S
+            self._flush_known()
         if self._store.low_space and now >= self._next_space_check:
             self._next_space_check = now + SPACE_CHECK_S
             self._reclaim_wal()

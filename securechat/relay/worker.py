@@ -8,8 +8,19 @@ encrypts *all* output queued for a connection during the turn with one
 
 Connection states::
 
-    HANDSHAKE --(Noise XX complete)--> OPEN --(error, EOF, timeout, shutdown)--> CLOSED
-    HANDSHAKE --(bad record, deadline, EOF)----------------------------------> CLOSED
+    HANDSHAKE --(Noise XX complete)--> OPEN --(error, EOF, timeout, shutdown, replaced)--> CLOSED
+    HANDSHAKE --(bad record, deadline, EOF, evicted for a newcomer)--------------------> CLOSED
+
+Reading a connection stops while any of these holds (``Conn.blocks``), and its
+bytes wait in the kernel: its output is above the high-water mark (B_OUT); the
+store's queue is too long (B_STORE, every connection); it has too many store
+requests of its own outstanding (B_CONN_STORE); a frame of an expensive type is
+over its shared budget (B_HOLD: the frame and those after it wait, in order,
+until the budget allows; see ``guard.Budgets``); it spent beyond its frame
+budget (B_DEBT: frames already read are handled, and reading waits until the
+budget is back above zero); frames it sent earlier still wait to be decoded
+(B_BACKLOG: at most ``DECODE_LIMIT`` bytes of frames are decoded per connection
+per loop turn; after a hold, what arrived behind the held frames).
 
 A recipient connection's delivery mode (see ``docs/protocol.md`` section 3.3)::
 
@@ -38,14 +49,20 @@ from typing import Any, Final
 from securechat import wire
 from securechat.encoding import fingerprint
 from securechat.errors import FrameError, FrameTooLargeError, ProtocolError, SecureChatError
-from securechat.noise import NoiseConnection
+from securechat.noise import HandshakeComplete, NoiseConnection
 from securechat.relay import handlers
 from securechat.relay import store as st
+from securechat.relay.guard import Admission, Budgets, PartialBytes, prefix_of
 from securechat.relay.limits import (
+    DECODE_LIMIT,
     FETCH_BATCH,
     FETCH_BYTES,
+    HOLD_MAX_S,
+    INITIAL_FRAME_ALLOWANCE,
+    MAX_CONN_STORE_COST,
     OUT_HARD_LIMIT,
     RECV_SIZE,
+    STORE_REQUEST_COST,
     TICK_S,
     RelayConfig,
     TokenBucket,
@@ -71,6 +88,21 @@ _ACCEPT_BATCH: Final = 64  # connections accepted per listener event (then serve
 _ACCEPT_BACKOFF_S: Final = 0.05  # after accept failed (e.g. out of descriptors): do not spin
 _LISTENER: Final = object()  # selector data of the listening socket
 _INFLIGHT_CHECK_S: Final = 0.05  # resolution of the ack timeout (seconds)
+# Why reading a connection is stopped (bits of Conn.blocks); read again when all clear.
+B_OUT: Final = 1  # its output is above the high-water mark (it does not read)
+B_STORE: Final = 2  # the store thread's queue is above its high-water mark
+B_CONN_STORE: Final = 4  # its outstanding store requests cost MAX_CONN_STORE_COST
+B_HOLD: Final = 8  # a frame waits for its shared budget (guard.Budgets)
+B_DEBT: Final = 16  # it spent more than its frame budget: not read until it is paid back
+B_BACKLOG: Final = 32  # decoded frames wait in its decoder: decode those before reading more
+# Blocks during which we are the ones not reading: no idle timeout then.
+_UNREAD: Final = B_STORE | B_CONN_STORE | B_HOLD | B_DEBT | B_BACKLOG
+
+# The message-3 payload a client may send: nothing (older clients) or its Ed25519 key.
+ED25519_KEY_SIZE: Final = 32
+# Log label of a client that did not send its signing key: its X25519 key's fingerprint,
+# which is NOT the identity fingerprint users compare (that one covers both keys).
+X25519_ONLY_LABEL: Final = "x25519-only:"
 
 
 class RelayContext:
@@ -82,15 +114,16 @@ class RelayContext:
         router: Router,
         store: st.StoreThread,
         static_private: bytes,
-        admit: Callable[[str], bool],
-        release: Callable[[str], None],
     ) -> None:
         self.config = config
         self.router = router
         self.store = store
         self.static_private = static_private
-        self.admit = admit  # takes an admission slot for an IP (False: over a cap)
-        self.release = release  # gives back an admission slot for an IP
+        self.admission: Admission[Conn] = Admission(config)
+        self.budgets = Budgets(config)
+        self.partial: PartialBytes[Conn] = PartialBytes(
+            config.partial_bytes, config.partial_bytes_per_prefix
+        )
         self.listener: socket.socket | None = None  # set by the relay before workers start
 
 
@@ -99,14 +132,19 @@ class Conn:
 
     __slots__ = (
         "addr",
+        "blocks",
         "bucket_bytes",
         "bucket_frames",
         "cursor",
         "deadline",
+        "debt_until",
         "decoder",
         "dirty",
         "fetching",
         "fp",
+        "frame_at",
+        "held_frames",
+        "hold_until",
         "identity",
         "inflight",
         "inflight_bytes",
@@ -115,28 +153,34 @@ class Conn:
         "live",
         "mailbox",
         "noise",
+        "origin",
         "out",
         "own_inserts",
+        "partial",
         "pending",
         "pending_size",
-        "reading",
+        "prefix",
         "sent_stored",
         "sock",
         "state",
         "store_dirty",
+        "store_out",
         "synced",
         "watching",
         "worker",
     )  # fmt: skip
 
     def __init__(
-        self, worker: Worker, sock: socket.socket, addr: tuple[str, int], now: float
+        self, worker: Worker, sock: socket.socket, addr: tuple[str, int], now: float,
+        prefix: str,
     ) -> None:
         cfg = worker.ctx.config
         self.worker = worker
         self.sock = sock
         self.ip = addr[0]
         self.addr = f"{addr[0]}:{addr[1]}"
+        self.prefix = prefix
+        self.origin = self.prefix.encode()  # the store's per-prefix quota key
         self.noise = NoiseConnection(
             initiator=False, static_private=worker.ctx.static_private, rng=os.urandom
         )
@@ -151,8 +195,16 @@ class Conn:
         self.pending_size = 0
         self.dirty = False
         self.out = bytearray()
-        self.reading = True
-        self.bucket_frames = TokenBucket(cfg.rate_frames, cfg.burst_frames, now)
+        self.blocks = 0  # B_* bits: reasons not to read this connection now
+        self.store_out = 0  # cost of its store requests not answered yet
+        self.held_frames: list[wire.Frame] | None = None  # frames waiting for a budget
+        self.hold_until = 0.0
+        self.debt_until = 0.0
+        self.partial = 0  # bytes held for an incomplete record or frame
+        self.frame_at = now  # when a frame last completed (the frame deadline)
+        self.bucket_frames = TokenBucket(
+            cfg.rate_frames, cfg.burst_frames, now, INITIAL_FRAME_ALLOWANCE
+        )
         self.bucket_bytes = TokenBucket(cfg.rate_bytes, cfg.burst_bytes, now)
         self.inflight: dict[tuple[bytes, bytes], Inflight] = {}
         self.inflight_bytes = 0
@@ -206,6 +258,10 @@ class Worker:
         # by worker_inflight_high_water, see handlers.incoming).
         self.inflight_bytes = 0
         self.paused: set[Conn] = set()  # not read while the store's queue is too long
+        self.held: set[Conn] = set()  # holding frames until their budget allows (B_HOLD)
+        self.indebted: set[Conn] = set()  # over their frame budget (B_DEBT)
+        self.backlog: set[Conn] = set()  # frames left undecoded by DECODE_LIMIT (B_BACKLOG)
+        self.partials: set[Conn] = set()  # holding a partial record or frame
         # One receive buffer per worker: ``recv(256 KiB)`` would allocate (mmap) and
         # free 256 KiB per call, about 13 us here; ``recv_into`` + copy of what came: 2 us.
         self._rbuf = bytearray(RECV_SIZE)
@@ -238,7 +294,7 @@ class Worker:
     def _run(self) -> None:
         self._tid = threading.get_ident()
         while True:
-            timeout = 0.0 if (self._local or self._queue) else TICK_S
+            timeout = 0.0 if (self._local or self._queue or self.backlog) else TICK_S
             try:
                 events = self.sel.select(timeout)
             except OSError as exc:  # pragma: no cover - selector broken: nothing sane left
@@ -262,6 +318,8 @@ class Worker:
                         self._on_writable(conn)
                 except Exception:
                     self._internal_error(conn)
+            if self.backlog:
+                self._decode_backlog()
             self._run_callbacks()
             self._timers()
             self._flush_dirty()
@@ -321,22 +379,30 @@ class Worker:
                     self.sel.unregister(listener)
                 self._accept_resume = self.now + _ACCEPT_BACKOFF_S
                 return
-            ip = addr[0]
-            if not self.ctx.admit(ip):
-                log.info("closed %s:%d: too many connections", ip, addr[1])
-                sock.close()
-                continue
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.add_connection(sock, (ip, addr[1]))
+            self.add_connection(sock, (addr[0], addr[1]))
 
     def add_connection(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        """Admit (or refuse) a new TCP connection; see ``guard.Admission`` for the rules."""
         if self._stopping:
             sock.close()
-            self.ctx.release(addr[0])
             return
-        conn = Conn(self, sock, addr, self.now)
+        ip = addr[0]
+        prefix = prefix_of(ip)
+        now = self.now
+        conn, reason, victims = self.ctx.admission.admit(
+            ip, prefix, now, lambda: Conn(self, sock, addr, now, prefix)
+        )
+        for victim in victims:  # the oldest unfinished handshakes make room
+            victim.worker.call_soon(
+                victim.worker.close, victim, "evicted: too many unfinished handshakes"
+            )
+        if conn is None:
+            log.debug("refused %s:%d: over the limit of %s", ip, addr[1], reason)
+            sock.close()
+            return
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conns.add(conn)
         self.sel.register(sock, _READ, conn)
         log.debug("client connected from %s", conn.addr)
@@ -357,7 +423,15 @@ class Worker:
         self.conns.discard(conn)
         self.awaiting.discard(conn)
         self.paused.discard(conn)
-        self.ctx.release(conn.ip)
+        self.held.discard(conn)
+        self.indebted.discard(conn)
+        self.backlog.discard(conn)
+        conn.held_frames = None
+        if conn.partial:
+            self.partials.discard(conn)
+            self.ctx.partial.forget(conn)
+            conn.partial = 0
+        self.ctx.admission.release(conn, conn.ip, conn.prefix)
         self.held_bytes -= len(conn.out)
         conn.pending.clear()
         conn.pending_size = 0
@@ -365,8 +439,8 @@ class Worker:
         if was_open:
             log.info("disconnected %s: %s", conn.fp, reason)
             self._after_close(conn)
-        else:
-            log.info("closed %s: %s", conn.addr, reason)
+        else:  # unauthenticated: routine under attack, so not at INFO
+            log.debug("closed %s: %s", conn.addr, reason)
 
     def _after_close(self, conn: Conn) -> None:
         ctx = self.ctx
@@ -408,17 +482,45 @@ class Worker:
         conn.last_rx = self.now
         if conn.state == HANDSHAKE:
             self._handshake_data(conn, data)
+        else:
+            if not conn.bucket_bytes.take(len(data), self.now):
+                self.close(conn, "rate limit exceeded (bytes)", (wire.RATE_LIMITED, wire.NO_ID))
+                return
+            try:
+                _, plain, _ = conn.noise.receive_data(data)
+            except ProtocolError:
+                self.close(conn, "link record failed authentication")
+                return
+            if plain:
+                self._decode(conn, plain)
+        self._account(conn)
+
+    def _account(self, conn: Conn) -> None:
+        """Account what ``conn`` makes us hold (a partial record or frame, frames not yet
+        decoded, frames held for a budget) against the partial-frame budgets (guard)."""
+        held_frames = conn.held_frames is not None
+        if (conn.partial or conn.noise.buffered or conn.decoder.buffered or held_frames) and (
+            conn.state != CLOSED
+        ):
+            held = conn.noise.buffered + conn.decoder.buffered
+            self._track_partial(conn, held + (DECODE_LIMIT if held_frames else 0))
+
+    def _track_partial(self, conn: Conn, held: int) -> None:
+        if held == conn.partial:
             return
-        if not conn.bucket_bytes.take(len(data), self.now):
-            self.close(conn, "rate limit exceeded (bytes)", (wire.RATE_LIMITED, wire.NO_ID))
-            return
-        try:
-            _, plain, _ = conn.noise.receive_data(data)
-        except ProtocolError:
-            self.close(conn, "link record failed authentication")
-            return
-        if plain:
-            self._plaintext(conn, plain)
+        ok, victims = self.ctx.partial.update(conn, conn.prefix, held)
+        if not conn.partial:
+            conn.frame_at = self.now  # a frame started: its deadline runs from now
+            self.partials.add(conn)
+        conn.partial = held
+        if not held:
+            self.partials.discard(conn)
+        for victim in victims:
+            victim.worker.call_soon(
+                victim.worker.close, victim, "partial frames over the relay's memory budget"
+            )
+        if not ok:
+            self.close(conn, "its network holds too many partial frames")
 
     def _handshake_data(self, conn: Conn, data: bytes) -> None:
         try:
@@ -429,22 +531,65 @@ class Worker:
         if reply:
             self._write(conn, reply)
         if events and conn.state == HANDSHAKE:
-            self._authenticated(conn, events[0].remote_static)
+            self._authenticated(conn, events[0])
             if plain and conn.state == OPEN:
-                self._plaintext(conn, plain)
+                self._decode(conn, plain)
 
-    def _plaintext(self, conn: Conn, plain: bytes) -> None:
+    def _decode(self, conn: Conn, plain: bytes) -> None:
+        """Decode up to DECODE_LIMIT bytes of frames, charge them, handle them in order."""
+        decoder = conn.decoder
         try:
-            frames = conn.decoder.feed(plain)
+            frames = decoder.feed(plain, DECODE_LIMIT)
         except FrameError as exc:
             code = wire.TOO_LARGE if isinstance(exc, FrameTooLargeError) else wire.BAD_FRAME
             self.close(conn, f"bad frame: {exc}", (code, wire.NO_ID))
             return
-        if frames and not conn.bucket_frames.take(len(frames), self.now):
-            self.close(conn, "rate limit exceeded (frames)", (wire.RATE_LIMITED, wire.NO_ID))
+        if frames:
+            now = conn.frame_at = self.now
+            if not conn.bucket_frames.take(len(frames), now):  # (the common case inline)
+                self.charge_frames(conn, len(frames))
+            self._run_frames(conn, frames)
+            if conn.state != OPEN:
+                return
+        if decoder.more:
+            if conn not in self.backlog:
+                self.backlog.add(conn)
+                self._block(conn, B_BACKLOG)
+        elif conn.blocks & B_BACKLOG:
+            self.backlog.discard(conn)
+            self._unblock(conn, B_BACKLOG)
+
+    def _decode_backlog(self) -> None:
+        """Next turn's share for each connection with frames left undecoded."""
+        for conn in list(self.backlog):
+            if conn.state != OPEN or conn.held_frames is not None:
+                self.backlog.discard(conn)  # a held connection continues once released
+            else:
+                self._guard(conn, self._decode, conn, b"")
+                self._account(conn)
+
+    def charge_frames(self, conn: Conn, cost: float) -> None:
+        """Charge ``cost`` to the connection's frame budget; beyond it, stop reading
+        until the debt is paid back (frames already read are still handled)."""
+        bucket = conn.bucket_frames
+        now = self.now
+        if bucket.take(cost, now):
             return
+        debt = bucket.charge(cost, now)
+        conn.debt_until = now + debt
+        if conn not in self.indebted:
+            self.indebted.add(conn)
+            self._block(conn, B_DEBT)
+
+    def _release_debts(self, now: float) -> None:
+        for conn in [c for c in self.indebted if c.debt_until <= now]:
+            self.indebted.discard(conn)
+            self._unblock(conn, B_DEBT)
+
+    def _run_frames(self, conn: Conn, frames: list[wire.Frame]) -> None:
+        """Handle frames in order; a handler that returns a wait holds it and the rest."""
         table = handlers.HANDLERS
-        for frame in frames:
+        for i, frame in enumerate(frames):
             handler = table.get(type(frame))
             if handler is None:
                 self.close(
@@ -453,20 +598,67 @@ class Worker:
                     (wire.BAD_FRAME, wire.NO_ID),
                 )
                 return
-            handler(self, conn, frame)
+            wait = handler(self, conn, frame)
             if conn.state != OPEN:
                 return
+            if wait:
+                self._hold(conn, frames[i:], wait)
+                return
 
-    def _authenticated(self, conn: Conn, identity: bytes) -> None:
+    def _hold(self, conn: Conn, frames: list[wire.Frame], wait: float) -> None:
+        """Keep ``frames`` (in order) until ``wait`` seconds from now; read nothing meanwhile."""
+        conn.held_frames = frames
+        conn.hold_until = self.now + min(wait, HOLD_MAX_S)
+        self.held.add(conn)
+        self.backlog.discard(conn)  # its undecoded rest waits for the release too
+        self._block(conn, B_HOLD)
+
+    def _release_holds(self, now: float) -> None:
+        for conn in [c for c in self.held if c.hold_until <= now]:
+            self.held.discard(conn)
+            frames, conn.held_frames = conn.held_frames, None
+            if conn.state != OPEN or frames is None:
+                continue
+            self._guard(conn, self._run_frames, conn, frames)
+            if conn.held_frames is None and conn.state == OPEN:
+                if conn.decoder.more:  # what arrived behind the held frames
+                    self.backlog.add(conn)
+                    self._block(conn, B_BACKLOG)
+                else:
+                    conn.blocks &= ~B_BACKLOG
+                self._unblock(conn, B_HOLD)
+            self._account(conn)
+
+    def _authenticated(self, conn: Conn, event: HandshakeComplete) -> None:
+        identity = event.remote_static
+        claim = event.payload
+        if len(claim) not in (0, ED25519_KEY_SIZE):
+            self.close(conn, "handshake payload must be empty or a 32-byte Ed25519 key")
+            return
+        self.ctx.admission.handshake_done(conn)
         conn.state = OPEN
         conn.identity = identity
         conn.mailbox = wire.mailbox_address(identity)
-        conn.fp = fingerprint(identity)
+        # The identity fingerprint users see covers both keys; only the owner of the
+        # X25519 key can send this claim, and a false one only changes its own log line.
+        conn.fp = (
+            fingerprint(identity + claim) if claim else X25519_ONLY_LABEL + fingerprint(identity)
+        )
         log.info("authenticated %s from %s", conn.fp, conn.addr)
+        store = self.ctx.store
+        mailbox = conn.mailbox
+        if not store.is_known(mailbox):  # its identity's first connection (since a restart)
+            if store.may_hold(mailbox):  # frames wait with a short life: extend them now
+                store.put(st.Request(op=lambda db, now: db.mark_known(mailbox), poster=None,
+                                     fn=None))
+            else:  # recorded within a second, in one batch with others: not a write each
+                store.note_known(mailbox)
         conn.fetching = True
         old = self.ctx.router.register(conn, lambda: self._first_sync(conn))
         if old is not None:
-            old.worker.call_soon(old.worker.close, old, "replaced by a newer connection")
+            old.worker.call_soon(
+                old.worker.close, old, "replaced by a newer connection", (wire.REPLACED, wire.NO_ID)
+            )
         else:
             self._presence_changed(conn, online=True)
         self.drained(conn)
@@ -541,9 +733,8 @@ class Worker:
             self._update_interest(conn)
         if len(conn.out) > OUT_HARD_LIMIT:
             self.close(conn, "peer is not reading (output buffer full)")
-        elif conn.reading and len(conn.out) > self.ctx.config.out_high_water:
-            conn.reading = False  # back-pressure: stop reading a peer that does not read
-            self._update_interest(conn)
+        elif len(conn.out) > self.ctx.config.out_high_water:
+            self._block(conn, B_OUT)  # back-pressure: stop reading a peer that does not read
 
     def _on_writable(self, conn: Conn) -> None:
         try:
@@ -556,20 +747,32 @@ class Worker:
         del conn.out[:sent]
         self.held_bytes -= sent
         if len(conn.out) <= self.ctx.config.out_low_water:
-            conn.reading = conn not in self.paused
+            conn.blocks &= ~B_OUT
             self.drained(conn)
         self._update_interest(conn)
+
+    def _block(self, conn: Conn, reason: int) -> None:
+        """Stop reading ``conn`` for ``reason`` (a B_* bit) until ``_unblock``."""
+        if not conn.blocks & reason:
+            was = conn.blocks
+            conn.blocks |= reason
+            if not was:
+                self._update_interest(conn)
+
+    def _unblock(self, conn: Conn, reason: int) -> None:
+        if conn.blocks & reason:
+            conn.blocks &= ~reason
+            if not conn.blocks:
+                self._update_interest(conn)
 
     def _update_interest(self, conn: Conn) -> None:
         if conn.state == CLOSED:
             return
-        events = (_READ if conn.reading else 0) | (_WRITE if conn.out else 0)
-        if events == 0:
-            if conn in self.paused:  # briefly unwatched: resumed when the store catches up
-                with contextlib.suppress(KeyError, ValueError):
-                    self.sel.unregister(conn.sock)
-                return
-            events = _READ  # never leave a socket unwatched (EOF must be seen)
+        events = (0 if conn.blocks else _READ) | (_WRITE if conn.out else 0)
+        if events == 0:  # not read for a while (see B_*): unwatched until unblocked
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(conn.sock)
+            return
         try:
             self.sel.modify(conn.sock, events, conn)
         except KeyError:
@@ -584,6 +787,10 @@ class Worker:
             self.sel.register(self.ctx.listener, _READ, _LISTENER)
         if self.paused and self.ctx.store.queued_bytes <= self.ctx.config.store_low_water:
             self._resume_all()
+        if self.held:
+            self._release_holds(now)
+        if self.indebted:
+            self._release_debts(now)
         if now >= self._next_inflight:  # ack deadlines are seconds: no need to look every turn
             self._next_inflight = now + _INFLIGHT_CHECK_S
             for conn in list(self.awaiting):
@@ -591,12 +798,16 @@ class Worker:
         if now < self._next_slow:
             return
         self._next_slow = now + _SLOW_TIMERS_S
-        idle = self.ctx.config.idle_timeout
+        cfg = self.ctx.config
+        idle = cfg.idle_timeout
         for conn in list(self.conns):
             if conn.state == HANDSHAKE and now > conn.deadline:
                 self.close(conn, "handshake timeout")
-            elif conn.state == OPEN and now - conn.last_rx > idle:
+            elif conn.state == OPEN and now - conn.last_rx > idle and not conn.blocks & _UNREAD:
                 self.close(conn, "idle timeout")
+        for conn in list(self.partials):  # a frame started must finish in time
+            if now - conn.frame_at > cfg.frame_timeout and not conn.blocks & _UNREAD:
+                self.close(conn, "frame not completed in time")  # (not while we hold it)
 
     def _expire_inflight(self, conn: Conn, now: float) -> None:
         expired = []
@@ -616,23 +827,53 @@ class Worker:
 
     def _pause(self, conn: Conn) -> None:
         self.paused.add(conn)
-        if conn.reading:
-            conn.reading = False
-            self._update_interest(conn)
+        self._block(conn, B_STORE)
 
     def _resume_all(self) -> None:
         paused, self.paused = self.paused, set()
         for conn in paused:
-            if conn.state == OPEN and len(conn.out) <= self.ctx.config.out_high_water:
-                conn.reading = True
-                self._update_interest(conn)
+            self._unblock(conn, B_STORE)
 
     # --- store plumbing -----------------------------------------------------------------------
     def store_request(
-        self, op: Callable[[st.MailboxStore, int], Any], fn: Callable[..., None]
+        self,
+        op: Callable[[st.MailboxStore, int], Any],
+        fn: Callable[..., None] | None,
+        conn: Conn | None = None,
+        *,
+        mailbox: bytes | None = None,
+        size: int = 0,
     ) -> None:
-        """Run ``op`` in the store thread; ``fn(result or None)`` here after COMMIT."""
-        self.ctx.store.put(st.Request(op=op, poster=self, fn=fn))
+        """Run ``op`` in the store thread; ``fn(result or None)`` here after COMMIT.
+
+        ``conn``: the connection whose frame asked for it (on this worker). Its
+        outstanding requests may cost ``MAX_CONN_STORE_COST`` (payload plus
+        ``STORE_REQUEST_COST`` each); beyond that it is not read until half is
+        answered, so one client's flood of stored sends or acknowledgements waits in
+        its own kernel buffer, not in the store's queue (which would stop everyone).
+        """
+        if conn is not None:
+            cost = size + STORE_REQUEST_COST
+            conn.store_out += cost
+            if conn.store_out >= MAX_CONN_STORE_COST:
+                self._block(conn, B_CONN_STORE)
+            fn = self._counted(conn, fn, cost)
+        self.ctx.store.put(st.Request(op=op, poster=self, fn=fn, mailbox=mailbox, size=size))
+
+    def _counted(
+        self, conn: Conn, fn: Callable[..., None] | None, cost: int
+    ) -> Callable[..., None]:
+        def done(result: Any) -> None:
+            self._store_answered(conn, cost)
+            if fn is not None:
+                fn(result)
+
+        return done
+
+    def _store_answered(self, conn: Conn, cost: int) -> None:
+        conn.store_out -= cost
+        if conn.blocks & B_CONN_STORE and conn.store_out <= MAX_CONN_STORE_COST // 2:
+            self._unblock(conn, B_CONN_STORE)
 
     def store_copy(
         self,
@@ -641,24 +882,37 @@ class Worker:
         force: bool,
         subs: list[Submission],
         then: Callable[[int | None], None] | None = None,
+        conn: Conn | None = None,
     ) -> None:
-        """Persist one copy; when committed, tell its submissions (and ``then``)."""
+        """Persist one copy; when committed, tell its submissions (and ``then``).
+
+        ``conn``: the sender's connection when this runs on its worker (see
+        ``store_request``); the sender's address prefix is charged either way.
+        """
+        origin = copy.sub.conn.origin
+        size = len(copy.payload)
+        cost = size + STORE_REQUEST_COST
+        if conn is not None:  # (store_request's accounting, inline: the stored-send path)
+            conn.store_out += cost
+            if conn.store_out >= MAX_CONN_STORE_COST:
+                self._block(conn, B_CONN_STORE)
 
         def op(store: st.MailboxStore, now: int) -> int:
             return store.insert(
-                copy.mailbox, copy.sender, copy.msg_id, copy.ts, copy.payload, force=force
+                copy.mailbox, copy.sender, copy.msg_id, copy.ts, copy.payload, force=force,
+                origin=origin,
             )
 
         def done(result: int | None) -> None:
+            if conn is not None:
+                self._store_answered(conn, cost)
             outcome = insert_outcome(result)
             for sub in subs:
                 resolve(sub, outcome)
             if then is not None:
                 then(result)
 
-        self.ctx.store.put(
-            st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox, size=len(copy.payload))
-        )
+        self.ctx.store.put(st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox, size=size))
 
     def request_fetch(self, conn: Conn) -> None:
         """Queue a fetch of the next stored rows for ``conn`` (called under the router lock
