@@ -121,6 +121,19 @@ class AuthenticationError(ProtocolError):
         super().__init__(message)
 
 
+class InviteFailedError(AuthenticationError):
+    """An invite exchange did not authenticate: a wrong code, or someone tampered.
+
+    One message for every cause (a wrong word, a flipped byte, a message out of
+    order), as for any other authentication failure.
+    """
+
+    def __init__(
+        self, message: str = "wrong code, or someone tampered with the exchange"
+    ) -> None:
+        super().__init__(message)
+
+
 class ReplayError(AuthenticationError):
     """A ciphertext was seen before (replay of an old message)."""
 
@@ -153,6 +166,10 @@ class RelayError(SecureChatError):
     """The relay answered with an explicit error (quota, rate, refused)."""
 
     exit_code = 8
+
+
+class InviteClosedError(RelayError):
+    """The relay ended or refused an invite: unknown, expired or used code, peer gone."""
 
 
 class StorageError(SecureChatError):

@@ -54,6 +54,8 @@ MAX_SIGNED_PREKEY: Final = 1024  # opaque signed prekey blob
 MAX_PUBLISH_OTKS: Final = 100  # one-time prekeys per PublishPrekeys
 MAX_REASON: Final = 512  # UTF-8 bytes of an Error reason
 MAX_SUBSCRIBE: Final = 256  # identities per PresenceSubscribe
+MAX_INVITE_DATA: Final = 1024  # bytes of one InviteData payload (an invite message needs < 300)
+MAX_NAMEPLATE: Final = (1 << 32) - 1  # nameplates are u32, from 1 (0 means "no nameplate")
 
 MAILBOX_LABEL: Final = b"securechat/v1/mailbox"
 MAILBOX_CACHE: Final = 65536  # identities whose mailbox address is kept (~100 bytes each)
@@ -76,6 +78,11 @@ T_PING: Final = 0x50
 T_PONG: Final = 0x51
 T_PRESENCE_SUBSCRIBE: Final = 0x60
 T_PRESENCE: Final = 0x61
+T_INVITE_OPEN: Final = 0x70
+T_INVITE_OPENED: Final = 0x71
+T_INVITE_JOIN: Final = 0x72
+T_INVITE_DATA: Final = 0x73
+T_INVITE_CLOSED: Final = 0x74
 
 # Accepted status
 STATUS_STORED: Final = 1  # stored durably (committed), will be delivered later
@@ -107,6 +114,15 @@ ERROR_NAMES: Final = {
     REPLACED: "REPLACED",
 }
 NO_ID: Final = bytes(ID_SIZE)
+
+# InviteClosed reasons (protocol section 7): why the relay ended (or refused) an invite.
+INVITE_NO_SUCH: Final = 1  # no open invite has that nameplate (never opened, expired, opener left)
+INVITE_USED: Final = 2  # someone already joined that nameplate (the first join consumes it)
+INVITE_PEER_LEFT: Final = 3  # the other party disconnected before the exchange was complete
+INVITE_EXPIRED: Final = 4  # the invite's time to live ran out
+INVITE_TOO_MANY: Final = 5  # InviteOpen refused: too many open invites (identity, network, relay)
+INVITE_VIOLATION: Final = 6  # a party sent more InviteData than the exchange allows
+INVITE_REASONS: Final = frozenset(range(INVITE_NO_SUCH, INVITE_VIOLATION + 1))
 
 _U16: Final = struct.Struct(">H")
 _U32: Final = struct.Struct(">I")
@@ -262,6 +278,41 @@ class Presence:
     online: bool
 
 
+@dataclass(frozen=True, slots=True)
+class InviteOpen:
+    """C>R: allocate a nameplate for a new invite, bound to this connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class InviteOpened:
+    """R>C: the nameplate allocated for this connection's InviteOpen."""
+
+    nameplate: int
+
+
+@dataclass(frozen=True, slots=True)
+class InviteJoin:
+    """C>R: pair with the opener of ``nameplate`` (the first join consumes it)."""
+
+    nameplate: int
+
+
+@dataclass(frozen=True, slots=True)
+class InviteData:
+    """Both ways: an opaque invite message for the other party of a paired nameplate."""
+
+    nameplate: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InviteClosed:
+    """R>C: the invite ``nameplate`` is over (or was refused); ``reason`` says why."""
+
+    nameplate: int
+    reason: int
+
+
 Frame: TypeAlias = (
     Send
     | SendMulti
@@ -279,6 +330,11 @@ Frame: TypeAlias = (
     | Pong
     | PresenceSubscribe
     | Presence
+    | InviteOpen
+    | InviteOpened
+    | InviteJoin
+    | InviteData
+    | InviteClosed
 )
 
 
@@ -420,6 +476,34 @@ def _enc_presence(f: Presence) -> bytes:
     return _fixed(f.identity_key, KEY_SIZE, "identity_key") + (b"\x01" if f.online else b"\x00")
 
 
+def _nameplate(value: int) -> bytes:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NAMEPLATE:
+        raise FrameError(f"nameplate must be 1..{MAX_NAMEPLATE}")
+    return _U32.pack(value)
+
+
+def _enc_invite_open(f: InviteOpen) -> bytes:
+    return b""
+
+
+def _enc_invite_nameplate(f: InviteOpened | InviteJoin) -> bytes:
+    return _nameplate(f.nameplate)
+
+
+def _enc_invite_data(f: InviteData) -> bytes:
+    if not isinstance(f.payload, bytes) or not 1 <= len(f.payload) <= MAX_INVITE_DATA:
+        raise FrameError(f"invite payload must be 1..{MAX_INVITE_DATA} bytes")
+    return _nameplate(f.nameplate) + f.payload
+
+
+def _enc_invite_closed(f: InviteClosed) -> bytes:
+    # Nameplate 0: an InviteOpen refused before any nameplate was allocated.
+    if f.reason not in INVITE_REASONS:
+        raise FrameError(f"unknown invite close reason {f.reason!r}")
+    plate = _U32.pack(_uint(f.nameplate, 32, "nameplate"))
+    return plate + bytes((f.reason,))
+
+
 _ENCODERS: Final[dict[type, tuple[int, Callable[[object], bytes]]]] = {
     Send: (T_SEND, _enc_send),  # type: ignore[dict-item]
     SendMulti: (T_SEND_MULTI, _enc_send_multi),  # type: ignore[dict-item]
@@ -437,6 +521,11 @@ _ENCODERS: Final[dict[type, tuple[int, Callable[[object], bytes]]]] = {
     Pong: (T_PONG, _enc_ping),  # type: ignore[dict-item]
     PresenceSubscribe: (T_PRESENCE_SUBSCRIBE, _enc_subscribe),  # type: ignore[dict-item]
     Presence: (T_PRESENCE, _enc_presence),  # type: ignore[dict-item]
+    InviteOpen: (T_INVITE_OPEN, _enc_invite_open),  # type: ignore[dict-item]
+    InviteOpened: (T_INVITE_OPENED, _enc_invite_nameplate),  # type: ignore[dict-item]
+    InviteJoin: (T_INVITE_JOIN, _enc_invite_nameplate),  # type: ignore[dict-item]
+    InviteData: (T_INVITE_DATA, _enc_invite_data),  # type: ignore[dict-item]
+    InviteClosed: (T_INVITE_CLOSED, _enc_invite_closed),  # type: ignore[dict-item]
 }
 
 
@@ -670,6 +759,43 @@ def _dec_presence(d: bytes, s: int, e: int) -> Presence:
     return Presence(d[s : s + KEY_SIZE], online == 1)
 
 
+def _dec_nameplate(d: bytes, s: int, what: str) -> int:
+    (value,) = _U32.unpack_from(d, s)
+    if value == 0:
+        raise FrameError(f"{what} nameplate must not be 0")
+    return int(value)
+
+
+def _dec_invite_open(d: bytes, s: int, e: int) -> InviteOpen:
+    _exact(s, e, "InviteOpen")
+    return InviteOpen()
+
+
+def _dec_invite_opened(d: bytes, s: int, e: int) -> InviteOpened:
+    _exact(s + 4, e, "InviteOpened")
+    return InviteOpened(_dec_nameplate(d, s, "InviteOpened"))
+
+
+def _dec_invite_join(d: bytes, s: int, e: int) -> InviteJoin:
+    _exact(s + 4, e, "InviteJoin")
+    return InviteJoin(_dec_nameplate(d, s, "InviteJoin"))
+
+
+def _dec_invite_data(d: bytes, s: int, e: int) -> InviteData:
+    _need(e, s + 4 + 1, "InviteData")
+    if e - s - 4 > MAX_INVITE_DATA:
+        raise FrameError(f"InviteData payload exceeds {MAX_INVITE_DATA} bytes")
+    return InviteData(_dec_nameplate(d, s, "InviteData"), d[s + 4 : e])
+
+
+def _dec_invite_closed(d: bytes, s: int, e: int) -> InviteClosed:
+    _exact(s + 5, e, "InviteClosed")
+    reason = d[s + 4]
+    if reason not in INVITE_REASONS:
+        raise FrameError(f"unknown invite close reason {reason}")
+    return InviteClosed(_U32.unpack_from(d, s)[0], reason)
+
+
 _DECODERS: Final[dict[int, Callable[[bytes, int, int], Frame]]] = {
     T_SEND: _dec_send,
     T_SEND_MULTI: _dec_send_multi,
@@ -687,6 +813,11 @@ _DECODERS: Final[dict[int, Callable[[bytes, int, int], Frame]]] = {
     T_PONG: _dec_pong,
     T_PRESENCE_SUBSCRIBE: _dec_subscribe,
     T_PRESENCE: _dec_presence,
+    T_INVITE_OPEN: _dec_invite_open,
+    T_INVITE_OPENED: _dec_invite_opened,
+    T_INVITE_JOIN: _dec_invite_join,
+    T_INVITE_DATA: _dec_invite_data,
+    T_INVITE_CLOSED: _dec_invite_closed,
 }
 
 

@@ -52,6 +52,13 @@ TABLE: list[tuple[wire.Frame, bytes]] = [
     (wire.PresenceSubscribe(()), frame_bytes(0x60, b"\0\0")),
     (wire.Presence(K, True), frame_bytes(0x61, K + b"\x01")),
     (wire.Presence(K, False), frame_bytes(0x61, K + b"\x00")),
+    # protocol 1.1, the invite rendezvous (more in test_invite_wire.py)
+    (wire.InviteOpen(), frame_bytes(0x70, b"")),
+    (wire.InviteOpened(7), frame_bytes(0x71, b"\0\0\0\x07")),
+    (wire.InviteJoin(2**32 - 1), frame_bytes(0x72, b"\xff" * 4)),
+    (wire.InviteData(7, b"pake"), frame_bytes(0x73, b"\0\0\0\x07pake")),
+    (wire.InviteClosed(7, wire.INVITE_USED), frame_bytes(0x74, b"\0\0\0\x07\x02")),
+    (wire.InviteClosed(0, wire.INVITE_TOO_MANY), frame_bytes(0x74, b"\0\0\0\0\x05")),
 ]
 
 
