@@ -12,7 +12,8 @@ Three parts, all thread-safe (one lock each; none of them is on the Send/Ack pat
 * :func:`prefix_of`: the network key of an address.
 * :class:`Budgets`: token buckets for the frame types that cost the relay a store
   transaction or a fan-out of replies (FetchPrekeys, PresenceSubscribe,
-  PublishPrekeys) and for handing out one-time prekeys per target identity.
+  PublishPrekeys), for InviteJoin (each a guess that consumes someone's invite),
+  and for handing out one-time prekeys per target identity.
 * :class:`Admission`: connection slots: a global cap, per address and per prefix
   caps, a per-prefix accept rate, and a small separate cap for unfinished
   handshakes in which the oldest is evicted to make room for a newcomer.
@@ -40,6 +41,7 @@ _SECONDS_PER_HOUR: Final = 3600.0
 FETCH: Final = "fetch"
 SUBSCRIBE: Final = "subscribe"
 PUBLISH: Final = "publish"
+JOIN: Final = "join"  # InviteJoin: a guess at someone's nameplate (relay/rendezvous.py)
 
 
 def prefix_of(ip: str) -> str:
@@ -106,6 +108,7 @@ class Budgets:
             FETCH: (config.fetch_rate, config.fetch_burst),
             SUBSCRIBE: (config.subscribe_rate, config.subscribe_burst),
             PUBLISH: (config.publish_rate, config.publish_burst),
+            JOIN: (config.invite_join_rate, config.invite_join_burst),
         }
         self._identity: dict[str, BucketTable[bytes]] = {
             kind: BucketTable(rate, burst, size) for kind, (rate, burst) in rates.items()

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from securechat import wire
-from securechat.relay import guard
+from securechat.relay import guard, rendezvous
 from securechat.relay import store as st
 from securechat.relay.limits import (
     ACK_ENTRIES_PER_COST,
@@ -302,4 +302,7 @@ HANDLERS: Final[dict[type, Callable[[Any, Any, Any], Wait]]] = {
     wire.Ping: on_ping,
     wire.Pong: on_pong,
     wire.PresenceSubscribe: on_subscribe,
+    wire.InviteOpen: rendezvous.on_invite_open,  # the invite rendezvous (protocol 7)
+    wire.InviteJoin: rendezvous.on_invite_join,
+    wire.InviteData: rendezvous.on_invite_data,
 }

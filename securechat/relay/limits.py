@@ -82,6 +82,21 @@ PREKEY_LOW_MARKS: Final = (20, 5, 1)
 BUCKET_TABLE_SIZE: Final = 16_384  # identities or prefixes per budget table (~250 bytes each)
 HOLD_MAX_S: Final = 5.0  # longest a held frame waits before its budget is checked again
 
+# --- invites (the rendezvous of `securechat invite` / `accept`, protocol section 7) ---------
+# In memory only: an open invite is a nameplate bound to its opener's connection (~400
+# bytes), gone when either party leaves, after the exchange, or after its time to live.
+DEFAULT_INVITE_TTL_S: Final = 600.0  # an invite not completed in 10 minutes is closed
+DEFAULT_INVITE_MAX_OPEN: Final = 16_384  # open invites, all clients (~7 MB at most)
+DEFAULT_INVITE_MAX_OPEN_PER_PREFIX: Final = 32  # per /24 or /64: a household opens one or two
+DEFAULT_INVITE_MAX_OPEN_PER_IDENTITY: Final = 2  # per connection identity
+# Joins are guesses at someone's nameplate: each consumes an invite, so they are a budget
+# kept per identity and per prefix (x --prefix-factor) that survives reconnects.
+DEFAULT_INVITE_JOIN_RATE: Final = 0.05  # InviteJoin per second per identity (3 a minute)
+DEFAULT_INVITE_JOIN_BURST: Final = 5.0
+# InviteData a party may send in one invite (the exchange needs exactly 2: PAKE, identity);
+# a third closes the invite for both. Its size is bounded by wire.MAX_INVITE_DATA.
+INVITE_MESSAGES_PER_PARTY: Final = 2
+
 # --- buffers ---------------------------------------------------------------------------------
 OUT_HIGH_WATER: Final = 1024 * 1024  # above this a receiver is "stalled": spill to the store
 OUT_LOW_WATER: Final = 256 * 1024  # below this, stored frames are fetched again
@@ -188,6 +203,12 @@ class RelayConfig:
     # 0: no cap; else new frames are refused at STORE_FILL_RATIO of it, and SQLite's
     # max_page_count stops the file at it (disk-full behaviour).
     store_max_bytes: int = DEFAULT_STORE_MAX_BYTES
+    invite_ttl: float = DEFAULT_INVITE_TTL_S
+    invite_max_open: int = DEFAULT_INVITE_MAX_OPEN
+    invite_max_open_per_prefix: int = DEFAULT_INVITE_MAX_OPEN_PER_PREFIX
+    invite_max_open_per_identity: int = DEFAULT_INVITE_MAX_OPEN_PER_IDENTITY
+    invite_join_rate: float = DEFAULT_INVITE_JOIN_RATE
+    invite_join_burst: float = DEFAULT_INVITE_JOIN_BURST
 
 
 class TokenBucket:

@@ -201,7 +201,7 @@ _LIMIT_FLAGS: Final[tuple[tuple[str, str, type, str], ...]] = (
     ("--publish-rate", "publish_rate", float, "PublishPrekeys per second per identity"),
     ("--publish-burst", "publish_burst", float, "PublishPrekeys burst per identity"),
     ("--prefix-factor", "prefix_factor", float,
-     "a prefix's fetch/subscribe/publish budget, as a multiple of an identity's"),
+     "a prefix's fetch/subscribe/publish/invite-join budget, as a multiple of an identity's"),
     ("--otk-per-hour", "otk_per_hour", float,
      "one-time prekeys handed out per hour per target identity"),
     ("--otk-burst", "otk_burst", float, "one-time prekey hand-out burst per target identity"),
@@ -220,6 +220,15 @@ _LIMIT_FLAGS: Final[tuple[tuple[str, str, type, str], ...]] = (
     ("--purge-interval", "purge_interval", float, "seconds between purges of expired frames"),
     ("--store-max-bytes", "store_max_bytes", int,
      "cap on the store (new frames refused at 75%%; 0 = no cap)"),
+    ("--invite-ttl", "invite_ttl", float, "seconds an invite (securechat invite) stays open"),
+    ("--invite-max-open", "invite_max_open", int, "open invites in all"),
+    ("--invite-max-open-per-prefix", "invite_max_open_per_prefix", int,
+     "open invites per prefix"),
+    ("--invite-max-open-per-identity", "invite_max_open_per_identity", int,
+     "open invites per identity"),
+    ("--invite-join-rate", "invite_join_rate", float,
+     "invite joins (guesses at a nameplate) per second per identity (prefix: x prefix-factor)"),
+    ("--invite-join-burst", "invite_join_burst", float, "invite join burst per identity"),
 )
 _NON_NEGATIVE: Final = frozenset({"store_max_bytes"})
 

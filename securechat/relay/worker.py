@@ -50,7 +50,7 @@ from securechat import wire
 from securechat.encoding import fingerprint
 from securechat.errors import FrameError, FrameTooLargeError, ProtocolError, SecureChatError
 from securechat.noise import HandshakeComplete, NoiseConnection
-from securechat.relay import handlers
+from securechat.relay import handlers, rendezvous
 from securechat.relay import store as st
 from securechat.relay.guard import Admission, Budgets, PartialBytes, prefix_of
 from securechat.relay.limits import (
@@ -124,6 +124,7 @@ class RelayContext:
         self.partial: PartialBytes[Conn] = PartialBytes(
             config.partial_bytes, config.partial_bytes_per_prefix
         )
+        self.rendezvous: rendezvous.Rendezvous[Conn] = rendezvous.Rendezvous(config)  # invites
         self.listener: socket.socket | None = None  # set by the relay before workers start
 
 
@@ -448,6 +449,7 @@ class Worker:
             self._presence_changed(conn, online=False)
         if conn.watching:
             ctx.router.watch(conn, conn.watching, frozenset())
+        rendezvous.closed(self, conn)  # its invites end; the other parties are told
         for entry in conn.inflight.values():  # delivered but never acked: persist
             self.store_copy(entry.copy, force=True, subs=entry.subs)
         conn.inflight.clear()
@@ -798,6 +800,7 @@ class Worker:
         if now < self._next_slow:
             return
         self._next_slow = now + _SLOW_TIMERS_S
+        rendezvous.tick(self)  # invites past their time to live (no timer per invite)
         cfg = self.ctx.config
         idle = cfg.idle_timeout
         for conn in list(self.conns):
