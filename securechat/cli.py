@@ -22,10 +22,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from securechat import __version__, keys, keystore
 from securechat.errors import KeyExistsError, SecureChatError, UsageError
+
+if TYPE_CHECKING:  # imported by the commands that use it (spake2 takes 30 ms to load)
+    from securechat import invite
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_INTERRUPTED: Final = 130
@@ -110,6 +113,96 @@ def _own_public(arg: str | None) -> keys.PublicIdentity:
     return keystore.load_public(str(path))
 
 
+# --- invites: exchanging keys with a one-time code ----------------------------------------
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    return _run_invite(args, None)
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    from securechat.invite import parse_code
+
+    return _run_invite(args, parse_code(args.code))  # a typo is caught here, costing nothing
+
+
+def _run_invite(args: argparse.Namespace, code: invite.Code | None) -> int:
+    """Open (``code`` None) or accept an invite; record the verified peer; say how to talk."""
+    from securechat import invite
+    from securechat.client import app
+    from securechat.client import invite as client_invite
+    from securechat.client.link import read_relay_key_file
+
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+    as_name = _as_name(args.as_name)
+    address = app.relay_address(args.relay)
+    pinned = read_relay_key_file(Path(args.relay_key)) if args.relay_key else None
+    identity = keystore.load_identity(args.key)  # the passphrase now, not after the exchange
+    store = app.open_store(identity)  # and the identity's lock: fails now if talk runs
+    try:
+        own = identity.public
+        session = (invite.InviteSession.opener(own, os.urandom) if code is None
+                   else invite.InviteSession.joiner(code, own, os.urandom))
+        known = app.known_relays(lambda text: _note(text))
+        link = client_invite.connect(address, known, pinned)
+        try:
+            peer = client_invite.exchange(
+                session, link, timeout=args.timeout,
+                on_event=lambda event: _show_invite_event(event, args, address),
+            )
+        finally:
+            link.close()
+        recorded = client_invite.record_peer(store, own, peer, name=as_name)
+    finally:
+        store.close()
+    who = recorded.peer
+    state = "is now a trusted peer" if recorded.new else "was already trusted with this key"
+    print(f"verified: {who.name} (fingerprint {who.fingerprint}) {state}; "
+          f"its key is in {recorded.pub_path}")
+    print(f"talk with: securechat talk{_key_flag(args)}{_relay_flag(address)} --peer {who.name}")
+    return 0
+
+
+def _as_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return keys.check_name(value)
+    except SecureChatError as exc:
+        raise UsageError(f"--as: {exc}") from exc
+
+
+def _show_invite_event(event: invite.Event, args: argparse.Namespace, address: str) -> None:
+    from securechat import invite
+
+    if isinstance(event, invite.CodeReady):
+        minutes = f"{args.timeout / 60:g} minute{'s' if args.timeout != 60 else ''}"
+        print(f"invite code: {event.code}  (the other person runs: securechat accept "
+              f"{event.code}{_relay_flag(address)})", flush=True)
+        _note(f"waiting up to {minutes} for them to accept; the code works once (Ctrl-C "
+              "cancels)")
+    elif isinstance(event, invite.PeerJoined):
+        _note("someone joined the invite; checking that they have the right code...")
+
+
+def _relay_flag(address: str) -> str:
+    """``--relay ADDR`` unless it is the default relay (the other side must use the same)."""
+    from securechat.client.app import DEFAULT_RELAY
+    from securechat.client.link import canonical_address
+
+    same = canonical_address(address) == canonical_address(DEFAULT_RELAY)
+    return "" if same else f" --relay {address}"
+
+
+def _key_flag(args: argparse.Namespace) -> str:
+    return f" --key {args.key}" if args.key else ""
+
+
+def _note(text: str) -> None:
+    print(f"securechat: {text}", file=sys.stderr, flush=True)
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -183,7 +276,53 @@ def _add_client_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     talk.add_arguments(p)
     p.set_defaults(handler=talk.run)
     script.register(sub)  # type: ignore[arg-type]
+    _add_invite_commands(sub, script.add_client_arguments)
     demo.register(sub)  # type: ignore[arg-type]
+
+
+def _add_invite_commands(
+    sub: argparse._SubParsersAction[_Parser], client_arguments: Callable[..., None]
+) -> None:
+    from securechat.client.invite import DEFAULT_TIMEOUT
+
+    p = sub.add_parser(
+        "invite",
+        help="exchange keys with someone: print a one-time code for 'securechat accept'",
+        description=(
+            "Print a short one-time code (e.g. 7-tiger-universe) and wait for the other person "
+            "to run 'securechat accept CODE' against the same relay. The two clients run "
+            "SPAKE2 under the code through the relay and exchange their public keys, verified: "
+            "each records the other as a trusted peer (and NAME.pub in the key directory), so "
+            "'securechat talk --peer NAME' works at once. The relay learns neither the code nor "
+            "the keys. A wrong code fails on both sides and uses the invite up."
+        ),
+    )
+    _invite_arguments(p, client_arguments, DEFAULT_TIMEOUT)
+    p.set_defaults(handler=cmd_invite)
+
+    p = sub.add_parser(
+        "accept",
+        help="accept an invite: exchange keys with whoever gave you CODE",
+        description=(
+            "Join the invite CODE (from 'securechat invite') and exchange public keys with its "
+            "inviter, verified by the code: each records the other as a trusted peer. The code "
+            "works once; a wrong or mistyped one fails clearly (a mistyped word before "
+            "connecting)."
+        ),
+    )
+    p.add_argument("code", metavar="CODE", help="the invite code, e.g. 7-tiger-universe")
+    _invite_arguments(p, client_arguments, DEFAULT_TIMEOUT)
+    p.set_defaults(handler=cmd_accept)
+
+
+def _invite_arguments(
+    p: argparse.ArgumentParser, client_arguments: Callable[..., None], timeout: float
+) -> None:
+    client_arguments(p, peers=False)
+    p.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS",
+                   help=f"how long to wait for the other side (default {timeout:g})")
+    p.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="record the other side under NAME instead of the name it gives")
 
 
 def build_parser() -> _Parser:
