@@ -28,9 +28,9 @@ from securechat.invite import (
     PeerVerified,
     State,
     parse_code,
+    words,
 )
 from securechat.invite import session as sess
-from securechat.invite import words
 
 PLATE = 7
 
@@ -98,7 +98,8 @@ def test_the_relay_sees_the_same_sizes_whatever_the_names() -> None:
 
 def test_a_wrong_code_fails_on_both_sides_and_reveals_no_identity() -> None:
     p = Pair()
-    wrong = f"{PLATE}-{p.code.even}-{words.ODD_WORDS[(words.ODD_WORDS.index(p.code.odd) + 1) % 256]}"
+    other_odd = words.ODD_WORDS[(words.ODD_WORDS.index(p.code.odd) + 1) % 256]
+    wrong = f"{PLATE}-{p.code.even}-{other_odd}"  # one word off: the wrong password
     q = Pair(code_typed=wrong)
     _, a_out = q.a.receive(q.b_pake)
     _, b_out = q.b.receive(a_out[0])
