@@ -318,7 +318,8 @@ _CLOSED_TEXT: Final = {
     "waiting, or the number is mistyped); ask for a new code",
     wire.INVITE_USED: "invite {n} was already used: someone joined it before you. Ask for a new "
     "code, and tell its inviter: if that was not you, someone may have tried to intercept it",
-    wire.INVITE_PEER_LEFT: "the other side of invite {n} left before the exchange was complete",
+    wire.INVITE_PEER_LEFT: "the other side of invite {n} left before the exchange was complete "
+    "(it stopped, or the exchange did not authenticate on its side); nothing was recorded",
     wire.INVITE_EXPIRED: "invite {n} expired before the exchange was complete",
     wire.INVITE_TOO_MANY: "the relay refused a new invite: too many invites are open (yours, "
     "your network's or the relay's); try again in a few minutes",
