@@ -1,12 +1,13 @@
 """``securechat demo``: the whole product in one command, on an embedded relay (shell).
 
 It starts a real relay process on a free loopback port in a temporary
-directory, creates alice, bob and carol there, and plays a short
-conversation through the same client engine ``talk`` uses: two people, then
-a group of three, with one message sent while its recipient is offline. Beside
-what each person sees it prints what the relay handled for that message:
-frame sizes and the first bytes of the ciphertext, never the text. Everything
-is removed afterwards.
+directory, creates alice, bob and carol there, lets them exchange keys the way
+people do (``securechat invite`` / ``securechat accept``: a short code, no file
+changes hands), and plays a short conversation through the same client engine
+``talk`` uses: two people, then a group of three, with one message sent while
+its recipient is offline. Beside what each person sees it prints what the relay
+handled: frame sizes and the first bytes of the ciphertext, never the text.
+Everything is removed afterwards.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from securechat import keys, keystore, wire
-from securechat.client.app import Client, open_client, open_store
-from securechat.client.messenger import Event, KnownPeers, MessageEvent
-from securechat.errors import DeliveryTimeoutError, TransportError
+from securechat import invite, keys, keystore, wire
+from securechat.client import invite as client_invite
+from securechat.client.app import Client, known_relays, open_client, open_store
+from securechat.client.messenger import Event, MessageEvent
+from securechat.errors import DeliveryTimeoutError, SecureChatError, TransportError
 
 RELAY_START_TIMEOUT: Final = 20.0
 MESSAGE_TIMEOUT: Final = 15.0
@@ -165,17 +167,96 @@ def run_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _exchange_keys(person: _Person, people: list[_Person]) -> None:
-    """As if they had swapped .pub files: each records the others as known peers."""
+_INVITE_KINDS: Final = {1: "PAKE message", 2: "sealed public key"}
+
+
+def _invite_tap(owner: str, other: str, verbose: bool) -> client_invite.Tap:
+    """What the relay handles of an invite: frames, sizes, never a code or a key."""
+
+    def tap(direction: str, frame: wire.Frame) -> None:
+        if not verbose:
+            return
+        if isinstance(frame, wire.InviteOpened):
+            _side("", f"relay -> {owner}: InviteOpened {frame.nameplate} (a free nameplate)")
+        if direction != "sent":
+            return
+        if isinstance(frame, wire.InviteOpen):
+            _side("", f"relay <- {owner}: InviteOpen")
+        elif isinstance(frame, wire.InviteJoin):
+            _side("", f"relay <- {owner}: InviteJoin {frame.nameplate}")
+        elif isinstance(frame, wire.InviteData):
+            what = _INVITE_KINDS.get(frame.payload[1], "?")
+            _side("", f"relay <- {owner}: InviteData {len(frame.payload)} B ({what}) "
+                  f"-> {other}")
+
+    return tap
+
+
+def _run_side(
+    person: _Person, other: _Person, relay: str, session: invite.InviteSession, verbose: bool,
+    on_event: Callable[[invite.Event], None] = lambda event: None,
+) -> keys.PublicIdentity:
+    link = client_invite.connect(relay, known_relays(), None)
+    try:
+        return client_invite.exchange(
+            session, link, timeout=MESSAGE_TIMEOUT, on_event=on_event,
+            tap=_invite_tap(person.name, other.name, verbose),
+        )
+    finally:
+        link.close()
+
+
+def _record(person: _Person, peer: keys.PublicIdentity) -> client_invite.Recorded:
     store = open_store(person.identity)
     try:
-        with store.transaction():
-            known = KnownPeers(store)
-            for other in people:
-                if other is not person:
-                    known.trust(other.identity.public)
+        return client_invite.record_peer(store, person.identity.public, peer, name=None)
     finally:
         store.close()
+
+
+def _invite(opener: _Person, joiner: _Person, relay: str, *, verbose: bool) -> None:
+    """``opener`` runs ``securechat invite``, ``joiner`` accepts its code: the real exchange
+    (SPAKE2 through the relay), each then trusting the other's verified key."""
+    codes: queue.Queue[invite.Code] = queue.Queue()
+    result: list[keys.PublicIdentity | SecureChatError] = []
+
+    def on_event(event: invite.Event) -> None:
+        if isinstance(event, invite.CodeReady):
+            codes.put(event.code)
+
+    def open_side() -> None:
+        session = invite.InviteSession.opener(opener.identity.public, os.urandom)
+        try:
+            result.append(_run_side(opener, joiner, relay, session, verbose, on_event))
+        except SecureChatError as exc:
+            result.append(exc)
+
+    if verbose:
+        _side(f"{opener.name} runs: securechat invite", "")
+    thread = threading.Thread(target=open_side, name=f"demo-invite-{opener.name}", daemon=True)
+    thread.start()
+    try:
+        code = codes.get(timeout=MESSAGE_TIMEOUT)
+    except queue.Empty as exc:
+        raise DeliveryTimeoutError("demo: the invite got no code from the relay") from exc
+    if verbose:
+        _side(f"{opener.name} sees the code {code} and reads it to {joiner.name}", "")
+        _side(f"{joiner.name} runs: securechat accept {code}", "")
+    session = invite.InviteSession.joiner(code, joiner.identity.public, os.urandom)
+    opener_key = _run_side(joiner, opener, relay, session, verbose)
+    thread.join(MESSAGE_TIMEOUT)
+    if not result:
+        raise DeliveryTimeoutError("demo: the invite did not finish")
+    joiner_key = result[0]
+    if isinstance(joiner_key, SecureChatError):
+        raise joiner_key
+    for person, peer in ((joiner, opener_key), (opener, joiner_key)):
+        recorded = _record(person, peer)
+        if verbose:
+            _side(f"{person.name}: verified {recorded.peer.name} "
+                  f"({recorded.peer.fingerprint[:14]}...)", "")
+    if not verbose:
+        _side(f"{opener.name} invites {joiner.name} (code {code}): both verified", "")
 
 
 def _play(relay: str, home: Path) -> None:
@@ -183,9 +264,12 @@ def _play(relay: str, home: Path) -> None:
     alice, bob, carol = people
     for p in people:
         _print(f"  created {p.name:<6} fingerprint {p.identity.public.fingerprint}")
-        _exchange_keys(p, people)
     _print()
     _side("WHAT THE PEOPLE SEE", "WHAT THE RELAY HANDLED")
+    _print("\n-- 0. exchanging keys: one short code each, no file changes hands")
+    _invite(alice, bob, relay, verbose=True)
+    _invite(alice, carol, relay, verbose=False)
+    _invite(bob, carol, relay, verbose=False)
     _print("\n-- 1. alice and bob, both online")
     with _online(alice, relay), _online(bob, relay):
         _say(alice, [bob], "Hi Bob! Is this thing really end-to-end?")
@@ -209,8 +293,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", help="run a short conversation on an embedded relay",
         description="Start a relay on a free loopback port in a temporary directory, create "
-        "alice, bob and carol, play a conversation (two people, then a group of three, one "
-        "message sent while its recipient is offline), print what each person sees beside what "
+        "alice, bob and carol, let them exchange keys with invite codes, play a conversation "
+        "(two people, then a group of three, one message sent while its recipient is offline), "
+        "print what each person sees beside what "
         "the relay handled (sizes and ciphertext prefixes, never the text), clean up.",
     )
     p.set_defaults(handler=run_demo)
