@@ -66,8 +66,7 @@ def exchange(
             next_ping = now + PING_INTERVAL
         for frame in link.receive(min(deadline, next_ping) - now):
             if isinstance(frame, wire.Error):
-                reason = frame.reason or wire.ERROR_NAMES[frame.code]
-                raise RelayError(f"the relay ended the invite: {reason}")
+                raise _relay_error(frame)
             if not isinstance(frame, _INVITE_FRAMES):
                 continue  # Synced, PrekeyCount, Pong: nothing to do with an invite
             if tap is not None:
@@ -81,6 +80,13 @@ def exchange(
                 on_event(event)
                 if isinstance(event, PeerVerified):
                     return event.peer
+
+
+def _relay_error(frame: wire.Error) -> RelayError:
+    if frame.code == wire.BAD_FRAME:  # a relay older than protocol 1.1 knows no invites
+        return RelayError(f"the relay does not support invites (an older securechat relay?): "
+                          f"{frame.reason}")
+    return RelayError(f"the relay ended the invite: {frame.reason or wire.ERROR_NAMES[frame.code]}")
 
 
 def _send(link: RelayLink, frames: list[wire.Frame], tap: Tap | None) -> None:
