@@ -83,10 +83,10 @@ BUCKET_TABLE_SIZE: Final = 16_384  # identities or prefixes per budget table (~2
 HOLD_MAX_S: Final = 5.0  # longest a held frame waits before its budget is checked again
 
 # --- invites (the rendezvous of `securechat invite` / `accept`, protocol section 7) ---------
-# In memory only: an open invite is a nameplate bound to its opener's connection (~400
+# In memory only: an open invite is a nameplate bound to its opener's connection (<750
 # bytes), gone when either party leaves, after the exchange, or after its time to live.
 DEFAULT_INVITE_TTL_S: Final = 600.0  # an invite not completed in 10 minutes is closed
-DEFAULT_INVITE_MAX_OPEN: Final = 16_384  # open invites, all clients (~7 MB at most)
+DEFAULT_INVITE_MAX_OPEN: Final = 16_384  # open invites, all clients (~12 MB at most)
 DEFAULT_INVITE_MAX_OPEN_PER_PREFIX: Final = 32  # per /24 or /64: a household opens one or two
 DEFAULT_INVITE_MAX_OPEN_PER_IDENTITY: Final = 2  # per connection identity
 # Joins are guesses at someone's nameplate: each consumes an invite, so they are a budget
