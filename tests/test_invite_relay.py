@@ -252,3 +252,24 @@ def test_live_open_invites_per_identity_are_capped(relay: RelayProcess) -> None:
         frames = [invite_frame(c) for _ in range(3)]
         assert [type(f) for f in frames] == [wire.InviteOpened, wire.InviteOpened, CLOSED]
         assert frames[2] == CLOSED(0, wire.INVITE_TOO_MANY)
+
+
+def test_live_pairs_across_two_workers(tmp_path: Path) -> None:
+    """With --workers 2 the two parties are often on different worker threads: frames cross
+    over by the workers' queues, in order, and a leaving party is still reported."""
+    relay = RelayProcess.start(tmp_path / "relay", "--workers", "2")
+    try:
+        for round_ in range(6):
+            opener, plate = open_invite(relay)
+            with opener, authed(relay) as joiner:
+                joiner.send_frames([wire.InviteJoin(plate), wire.InviteData(plate, b"b1")])
+                assert invite_frame(opener) == wire.InviteData(plate, b"b1")
+                opener.send_frames([wire.InviteData(plate, b"a1"), wire.InviteData(plate, b"a2")])
+                assert [invite_frame(joiner), invite_frame(joiner)] == [
+                    wire.InviteData(plate, b"a1"), wire.InviteData(plate, b"a2")]
+                if round_ % 2:
+                    joiner.close()
+                    assert invite_frame(opener) == CLOSED(plate, wire.INVITE_PEER_LEFT)
+    finally:
+        code, err = relay.stop()
+        assert code == 0 and "Traceback" not in err, err
