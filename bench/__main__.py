@@ -55,11 +55,15 @@ def _machine() -> dict[str, Any]:
                 break
     with open("/proc/meminfo", encoding="ascii") as f:
         mem_kib = int(f.readline().split()[1])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     return {
-        "cpu": model, "cores": os.cpu_count(), "ram_gib": round(mem_kib / 2**20, 1),
-        "kernel": platform.release(), "python": platform.python_version(),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
         "commit": commit or "uncommitted",
     }
 
@@ -69,10 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 repetition, small counts (<2 min)")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 1)")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
-    parser.add_argument("--update-docs", action="store_true",
-                        help="rewrite the generated table in docs/performance.md")
-    parser.add_argument("--from-json", type=Path, metavar="FILE",
-                        help="measure nothing: re-render table, plots (and docs) from FILE")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="rewrite the generated table in docs/performance.md",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: re-render table, plots (and docs) from FILE",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         return render(json.loads(args.from_json.read_text()), args.update_docs)
@@ -92,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         log("warning: " + suite.notes[-1])
     started = time.time()
-    log(f"bench: {'quick' if plan.quick else 'full'} run, {plan.reps} repetition(s), "
-        f"RLIMIT_NOFILE {nofile}, work dir {suite.tmp}")
+    log(
+        f"bench: {'quick' if plan.quick else 'full'} run, {plan.reps} repetition(s), "
+        f"RLIMIT_NOFILE {nofile}, work dir {suite.tmp}"
+    )
     if "throughput" in parts:
         for rep in range(plan.reps):
             log(f"repetition {rep + 1}/{plan.reps}")
@@ -118,10 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result: dict[str, Any] = {
         "meta": {
-            **_machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "quick": plan.quick, "reps": plan.reps, "seconds_per_run": plan.seconds,
-            "parts": sorted(parts), "duration_s": round(time.time() - started, 1),
-            "versions": suite.versions, "nofile": nofile,
+            **_machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "quick": plan.quick,
+            "reps": plan.reps,
+            "seconds_per_run": plan.seconds,
+            "parts": sorted(parts),
+            "duration_s": round(time.time() - started, 1),
+            "versions": suite.versions,
+            "nofile": nofile,
             "other_cores_before": round(background, 2),
         },
         "notes": suite.notes,
@@ -134,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(rows))
     for note in suite.notes:
         print(f"note: {note}")
-    print(f"\nwrote {latest} and {RESULTS / (stamp + '.json')}"
-          + (f"; plots {', '.join(str(p) for p in plots)}" if plots else ""))
+    print(
+        f"\nwrote {latest} and {RESULTS / (stamp + '.json')}"
+        + (f"; plots {', '.join(str(p) for p in plots)}" if plots else "")
+    )
     if args.update_docs:
         update_docs(rows, result["meta"], report.other_cores(suite.runs))
         print(f"updated {DOC}")

@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from securechat.core import dh, wire
+from securechat.core.encoding import decode_token
+from securechat.core.noise import NoiseConnection
+
 from bench import procfs
-from securechat import dh, wire
-from securechat.encoding import decode_token
-from securechat.noise import NoiseConnection
 
 REPO: Final = Path(__file__).resolve().parent.parent
 ROUND_TRIP_PAUSE_S: Final = 0.02
@@ -82,7 +83,10 @@ class Link:
 
     @classmethod
     def connect(
-        cls, t: Target, private: bytes | None = None, source: str | None = None,
+        cls,
+        t: Target,
+        private: bytes | None = None,
+        source: str | None = None,
         timeout: float = HONEST_TIMEOUT_S,
     ) -> Link:
         sock = socket.create_connection(
@@ -94,8 +98,12 @@ class Link:
             if remote != t.relay_key:
                 raise ConnectionError("not the relay we started")
 
-        noise = NoiseConnection(initiator=True, static_private=private or os.urandom(32),
-                                rng=os.urandom, verify_remote=verify)
+        noise = NoiseConnection(
+            initiator=True,
+            static_private=private or os.urandom(32),
+            rng=os.urandom,
+            verify_remote=verify,
+        )
         try:
             sock.sendall(noise.initiate())
             while not noise.complete:
@@ -146,8 +154,12 @@ class Flood:
     reads, or ``rate`` chunks a second) and read and drop whatever comes back; a closed
     connection is made again. ``attempts`` counts chunks sent and connections made."""
 
-    def __init__(self, t: Target, plans: Sequence[tuple[str, Chunk, float]],
-                 on_plain: Callable[[Link, bytes], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        t: Target,
+        plans: Sequence[tuple[str, Chunk, float]],
+        on_plain: Callable[[Link, bytes], bytes] | None = None,
+    ) -> None:
         self.t = t
         self.plans = plans  # (source, chunk or a maker of chunks, chunks per second; 0: unpaced)
         self.on_plain = on_plain  # answer to what the relay sent (e.g. the publish loop)
@@ -192,7 +204,7 @@ class Flood:
                             link.pending = link.noise.send(plain)
                             self.attempts += 1
                             due[i] = now + (1.0 / rate if rate else 0.0)
-                        link.pending = link.pending[link.sock.send(link.pending):]
+                        link.pending = link.pending[link.sock.send(link.pending) :]
                 except BlockingIOError:
                     pass
                 except (OSError, ConnectionError, ValueError):
@@ -242,8 +254,9 @@ def attack_disk_fill(t: Target, end: float) -> int:
     payload = os.urandom(wire.MAX_PAYLOAD)
 
     def chunk() -> bytes:  # new ids and mailboxes every time (a retry would be a no-op)
-        return b"".join(wire.encode(wire.Send(os.urandom(16), os.urandom(32), payload))
-                        for _ in range(8))
+        return b"".join(
+            wire.encode(wire.Send(os.urandom(16), os.urandom(32), payload)) for _ in range(8)
+        )
 
     flood = Flood(t, [(f"127.104.0.{i + 1}", chunk, 0.0) for i in range(4)])
     flood.run(end)
@@ -392,9 +405,22 @@ class RelayUnderTest:
         victim = dh.public_key(os.urandom(32))  # replaced once bob exists
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "securechat", "relay", "--port", "0", "--data", str(data),
-                 "--log-level", "WARNING", *extra],
-                stdout=subprocess.PIPE, stderr=out, cwd=REPO,
+                [
+                    sys.executable,
+                    "-m",
+                    "securechat",
+                    "relay",
+                    "--port",
+                    "0",
+                    "--data",
+                    str(data),
+                    "--log-level",
+                    "WARNING",
+                    *extra,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=out,
+                cwd=REPO,
             )
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
@@ -501,8 +527,9 @@ def _honest(r: RelayUnderTest, seconds: float, keys: dict[str, bytes]) -> Honest
                 if not _fresh_fetch(t, bob_pub):
                     h.fresh_failed += 1
                 h.fresh_times.append(time.monotonic() - t_fresh)
-            sender, receiver, to = (alice, bob, bob_pub) if turn % 2 == 0 else (
-                bob, alice, alice_pub)
+            sender, receiver, to = (
+                (alice, bob, bob_pub) if turn % 2 == 0 else (bob, alice, alice_pub)
+            )
             turn += 1
             m = os.urandom(16)
             t0 = time.monotonic()
@@ -551,14 +578,16 @@ def _collect(t: Target, carol: bytes, ids: set[bytes]) -> int:
     return len(ids & got)
 
 
-def run_scenario(names: list[str], seconds: float, workdir: Path,
-                 relay_args: list[str] | None = None) -> dict[str, Any]:
+def run_scenario(
+    names: list[str], seconds: float, workdir: Path, relay_args: list[str] | None = None
+) -> dict[str, Any]:
     """One relay, the honest clients, and the ``names`` attacks for ``seconds``."""
     relay = RelayUnderTest.start(workdir, relay_args or [])
     keys = {n: os.urandom(32) for n in ("alice", "bob", "carol")}
     try:
-        t = relay.target = Target(relay.target.host, relay.target.port, relay.target.relay_key,
-                                  dh.public_key(keys["bob"]))
+        t = relay.target = Target(
+            relay.target.host, relay.target.port, relay.target.relay_key, dh.public_key(keys["bob"])
+        )
         for name in ("bob", "carol"):  # bob publishes prekeys; carol is known, then offline
             link = Link.connect(t, keys[name])
             link.until(lambda f: isinstance(f, wire.PrekeyCount), HONEST_TIMEOUT_S)
@@ -570,8 +599,9 @@ def run_scenario(names: list[str], seconds: float, workdir: Path,
         ctx = multiprocessing.get_context("fork")
         out = ctx.Queue()
         end = time.monotonic() + seconds + 1.0
-        procs = [ctx.Process(target=_attack_main, args=(n, t, end, out), daemon=True)
-                 for n in names]
+        procs = [
+            ctx.Process(target=_attack_main, args=(n, t, end, out), daemon=True) for n in names
+        ]
         for p in procs:
             p.start()
         time.sleep(1.0)  # the attacks get going before the measurement starts
@@ -597,21 +627,27 @@ def run_scenario(names: list[str], seconds: float, workdir: Path,
     log = relay.log.read_text(errors="replace")
     rt = sorted(honest.round_trips) or [float("nan")]
     return {
-        "attacks": names, "seconds": seconds,
+        "attacks": names,
+        "seconds": seconds,
         "round_trips": len(honest.round_trips),
         "p50_ms": rt[len(rt) // 2] * 1000,
         "p99_ms": rt[max(int(len(rt) * 0.99) - 1, 0)] * 1000,
         "max_ms": rt[-1] * 1000,
-        "rss_start_mib": rss_start / 1024, "rss_peak_mib": honest.rss_peak_kib / 1024,
+        "rss_start_mib": rss_start / 1024,
+        "rss_peak_mib": honest.rss_peak_kib / 1024,
         "relay_cores": cpu / wall if honest.round_trips else 0.0,
         "store_mib": store_bytes / 2**20,
         "stored_accept_max_ms": max(honest.stored_accept, default=0.0) * 1000,
         "fresh_max_ms": max(honest.fresh_times, default=0.0) * 1000,
-        "stored_sent": honest.stored_sent, "stored_refused": honest.stored_refused,
+        "stored_sent": honest.stored_sent,
+        "stored_refused": honest.stored_refused,
         "stored_lost": honest.stored_lost,
-        "fresh": honest.fresh, "fresh_failed": honest.fresh_failed,
-        "honest_errors": honest.errors, "attack_attempts": attempts,
-        "attack_failures": failures, "relay_exit": code,
+        "fresh": honest.fresh,
+        "fresh_failed": honest.fresh_failed,
+        "honest_errors": honest.errors,
+        "attack_attempts": attempts,
+        "attack_failures": failures,
+        "relay_exit": code,
         "relay_traceback": "Traceback" in log,
     }
 
@@ -623,12 +659,14 @@ def scenarios(only: list[str] | None = None) -> list[list[str]]:
 
 def _row(r: dict[str, Any]) -> str:
     label = "all at once" if len(r["attacks"]) > 1 else r["attacks"][0]
-    return (f"| {label} | {r['round_trips']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['max_ms']:.1f} | {r['rss_start_mib']:.0f} -> {r['rss_peak_mib']:.0f} | "
-            f"{r['relay_cores']:.2f} | {r['stored_sent']}/{r['stored_refused']}/"
-            f"{r['stored_lost']} | {r['stored_accept_max_ms']:.0f} | "
-            f"{r['fresh']}/{r['fresh_failed']} | {r['fresh_max_ms']:.0f} | "
-            f"{sum(r['attack_attempts'].values()):,} |")
+    return (
+        f"| {label} | {r['round_trips']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+        f"{r['max_ms']:.1f} | {r['rss_start_mib']:.0f} -> {r['rss_peak_mib']:.0f} | "
+        f"{r['relay_cores']:.2f} | {r['stored_sent']}/{r['stored_refused']}/"
+        f"{r['stored_lost']} | {r['stored_accept_max_ms']:.0f} | "
+        f"{r['fresh']}/{r['fresh_failed']} | {r['fresh_max_ms']:.0f} | "
+        f"{sum(r['attack_attempts'].values()):,} |"
+    )
 
 
 HEADER: Final = (
@@ -640,8 +678,11 @@ HEADER: Final = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.attacks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.attacks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="per scenario (default 10)")
     p.add_argument("--only", nargs="*", help="substrings of attack names")
     p.add_argument("--json", type=Path, help="write every result here")
@@ -655,11 +696,21 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(result), flush=True)
         for problem in (result["honest_errors"] or [])[:3] + result["attack_failures"]:
             print(f"  ! {problem}", file=sys.stderr)
-    busy = [r for r in results if not r["round_trips"] or r["honest_errors"]
-            or r["p99_ms"] > TARGET_P99_MS or r["rss_peak_mib"] > TARGET_RSS_MIB
-            or r["stored_refused"] or r["stored_lost"] or r["fresh_failed"]]
-    print(f"\ntargets (p99 < {TARGET_P99_MS:.0f} ms, RSS < {TARGET_RSS_MIB:.0f} MiB, nothing "
-          f"honest lost or refused): {'met' if not busy else f'missed in {len(busy)} scenarios'}")
+    busy = [
+        r
+        for r in results
+        if not r["round_trips"]
+        or r["honest_errors"]
+        or r["p99_ms"] > TARGET_P99_MS
+        or r["rss_peak_mib"] > TARGET_RSS_MIB
+        or r["stored_refused"]
+        or r["stored_lost"]
+        or r["fresh_failed"]
+    ]
+    print(
+        f"\ntargets (p99 < {TARGET_P99_MS:.0f} ms, RSS < {TARGET_RSS_MIB:.0f} MiB, nothing "
+        f"honest lost or refused): {'met' if not busy else f'missed in {len(busy)} scenarios'}"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -44,8 +44,13 @@ class Workload:
 class LoadProcess:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=REPO, text=True, bufsize=1,
+            [sys.executable, "-m", "bench.load"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+            bufsize=1,
         )
         self.stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
@@ -106,8 +111,13 @@ def run(server: Server, wl: Workload, system_settings: dict[str, Any]) -> dict[s
         for proc_index, clients in enumerate(wl.per_proc):
             cfg = {
                 "index_base": 1_000_000 * (proc_index + 1),
-                "host": server.host, "port": server.port, "mode": wl.mode, "clients": clients,
-                "rate": wl.rate / n_procs, **wl.settings, **system_settings,
+                "host": server.host,
+                "port": server.port,
+                "mode": wl.mode,
+                "clients": clients,
+                "rate": wl.rate / n_procs,
+                **wl.settings,
+                **system_settings,
             }
             procs.append(LoadProcess(cfg))
         ready = [lp.expect("READY") for lp in procs]
@@ -143,7 +153,8 @@ def run(server: Server, wl: Workload, system_settings: dict[str, Any]) -> dict[s
     merged["other_cores"] = max(
         0.0,
         merged["machine_busy"] * (os.cpu_count() or 1)
-        - merged["server_cpu_util"] - merged["load_cpu_util_sum"],
+        - merged["server_cpu_util"]
+        - merged["load_cpu_util_sum"],
     )
     return merged
 

@@ -35,20 +35,16 @@ SETTLE_S = 3.0
 
 
 def _keygen(repo: Path, home: Path, names: list[str]) -> None:
-    code = (
-        "import os, sys\n"
-        "from pathlib import Path\n"
-        "from securechat import keys, keystore\n"
-        "home = Path(sys.argv[1]); home.mkdir(mode=0o700, parents=True, exist_ok=True)\n"
-        "for name in sys.argv[2:]:\n"
-        "    i = keys.generate_identity(name, os.urandom(keys.SEED_SIZE))\n"
-        "    keystore.write_new_file(home / f'{name}.key',\n"
-        "        keys.encode_private_key(i, None, None).encode(), mode=0o600)\n"
-        "    keystore.write_new_file(home / f'{name}.pub',\n"
-        "        (i.public.to_line() + '\\n').encode(), mode=0o644)\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(home), *names], check=True,
-                   env=_env(repo, home), cwd=home.parent)
+    """Through the public CLI, so any checkout (``--repo``) can make its own keys."""
+    for name in names:
+        subprocess.run(
+            [sys.executable, "-m", "securechat", "keygen", name, "--no-passphrase"],
+            check=True,
+            env=_env(repo, home),
+            cwd=home.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def _env(repo: Path, home: Path) -> dict[str, str]:
@@ -94,9 +90,24 @@ def run(repo: Path, clients: int, seconds: float) -> dict[str, Any]:
         names = [f"idle{i}" for i in range(clients)]
         _keygen(repo, home, names)
         relay = subprocess.Popen(
-            [sys.executable, "-m", "securechat", "relay", "--port", "0", "--data",
-             str(Path(tmp) / "relay"), "--log-level", "INFO", "--max-per-ip", "100000"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(repo, home), cwd=tmp,
+            [
+                sys.executable,
+                "-m",
+                "securechat",
+                "relay",
+                "--port",
+                "0",
+                "--data",
+                str(Path(tmp) / "relay"),
+                "--log-level",
+                "INFO",
+                "--max-per-ip",
+                "100000",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(repo, home),
+            cwd=tmp,
         )
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -106,12 +117,27 @@ def run(repo: Path, clients: int, seconds: float) -> dict[str, Any]:
             address = f"{match.group(1).decode()}:{match.group(2).decode()}"
             for i, name in enumerate(names):
                 peer = names[(i + 1) % clients] if clients > 1 else name
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "securechat", "talk", "--key", name,
-                     "--peer", peer, "--relay", address],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, env=_env(repo, home), cwd=tmp,
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "securechat",
+                            "talk",
+                            "--key",
+                            name,
+                            "--peer",
+                            peer,
+                            "--relay",
+                            address,
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        env=_env(repo, home),
+                        cwd=tmp,
+                    )
+                )
             _wait_for(relay.stderr, AUTH_RE, clients, START_TIMEOUT_S)
             time.sleep(SETTLE_S)  # first publish, presence, Synced: not idle yet
             relay_cpu0, disk0 = procfs.cpu_seconds(relay.pid), _disk(home)
@@ -123,7 +149,10 @@ def run(repo: Path, clients: int, seconds: float) -> dict[str, Any]:
             writes = sum(_disk_writes(p.pid) for p in procs) - writes0
             alive = sum(p.poll() is None for p in procs)
             return {
-                "repo": str(repo), "clients": clients, "alive": alive, "seconds": seconds,
+                "repo": str(repo),
+                "clients": clients,
+                "alive": alive,
+                "seconds": seconds,
                 "relay_cpu_share": relay_cpu / seconds,
                 "relay_cpu_ms_per_client_s": relay_cpu * 1000 / seconds / clients,
                 "relay_rss_mib": procfs.rss_kib(relay.pid) / 1024,

@@ -65,7 +65,7 @@ def make_client(cfg: dict[str, Any], spec: dict[str, Any]) -> p.Client:
             return p.naive_receiver(spec["index"], size)
         return p.NaiveSender(spec["targets"], size)
     seed = bytes.fromhex(cfg["run_seed"])
-    from securechat import wire
+    from securechat.core import wire
 
     if spec["role"] == "recv":
         return p.SecureChatClient(p.client_key(seed, "r", spec["index"]), [], size, False)
@@ -188,8 +188,7 @@ class Loop:
         if expected is None:
             return False
         return all(
-            c.dead or c.client.delivered >= expected.get(str(c.spec["index"]), 0)
-            for c in receivers
+            c.dead or c.client.delivered >= expected.get(str(c.spec["index"]), 0) for c in receivers
         )
 
     # --- phases ---------------------------------------------------------------------------

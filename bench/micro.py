@@ -48,8 +48,8 @@ def raw_box(per_round: int, rounds: int) -> float:
 
 
 def _pair() -> tuple[Any, Any, Any, Any]:
-    from securechat import keys
-    from securechat.e2e import E2EState, parse_bundle
+    from securechat.core import keys
+    from securechat.core.e2e import E2EState, parse_bundle
 
     alice = keys.generate_identity("alice", os.urandom(keys.SEED_SIZE))
     bob = keys.generate_identity("bob", os.urandom(keys.SEED_SIZE))
@@ -62,8 +62,8 @@ def _pair() -> tuple[Any, Any, Any, Any]:
 
 def _text_for_record(record_bytes: int) -> int:
     """The longest text whose padded content record is ``record_bytes`` long."""
-    from securechat import envelope
-    from securechat.envelope import Content
+    from securechat.core import envelope
+    from securechat.core.envelope import Content
 
     n = record_bytes
     while len(envelope.encode_content(Content(bytes(16), 0, "x" * n))) > record_bytes:
@@ -77,7 +77,7 @@ def e2e(per_round: int, rounds: int, text_bytes: int = MESSAGE_BYTES) -> dict[st
     With 1 KiB of text the padded record is 2 KiB (the next bucket), twice what
     the raw box seals; ``record_1k`` in :func:`run` seals exactly 1 KiB.
     """
-    from securechat.envelope import Content
+    from securechat.core.envelope import Content
 
     alice, bob, (a, b), bundle = _pair()
     text = "x" * text_bytes
@@ -118,8 +118,8 @@ SKIPPED_FULL = 2000  # ratchet.MAX_SKIPPED_KEYS: message keys kept for late mess
 
 def _busy_peer(me: Any, now: int) -> Any:
     """A peer that sent ``me`` SEEN_FULL messages and left SKIPPED_FULL keys skipped."""
-    from securechat import keys, ratchet
-    from securechat.envelope import Content
+    from securechat.core import keys, ratchet
+    from securechat.core.envelope import Content
 
     peer = keys.generate_identity("peer", os.urandom(keys.SEED_SIZE))
     state = type(me).new(peer)
@@ -151,10 +151,10 @@ def state_write(peers: int, messages: int = 40) -> dict[str, float]:
     import tempfile
     from pathlib import Path
 
-    from securechat import keys
     from securechat.client.store import ClientStore, StoreKeys
-    from securechat.e2e import E2EState
-    from securechat.envelope import Content
+    from securechat.core import keys
+    from securechat.core.e2e import E2EState
+    from securechat.core.envelope import Content
 
     me = E2EState.new(keys.generate_identity("me", os.urandom(keys.SEED_SIZE)))
     now = int(time.time() * 1000)

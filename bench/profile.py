@@ -73,17 +73,42 @@ def main(argv: list[str] | None = None) -> int:
     srv = servers.start_securechat(tmp)
     try:
         spy = subprocess.Popen(
-            [spy_bin, "record", "-p", str(srv.pid), "-d", str(int(args.seconds - 1)), "-r", "200",
-             "-f", "raw", "-o", str(out), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                spy_bin,
+                "record",
+                "-p",
+                str(srv.pid),
+                "-d",
+                str(int(args.seconds - 1)),
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        raw = driver.run(srv, _workload(args.kind, args.seconds, args.rate),
-                         {"system": "securechat", "run_seed": "00" * 16})
+        raw = driver.run(
+            srv,
+            _workload(args.kind, args.seconds, args.rate),
+            {"system": "securechat", "run_seed": "00" * 16},
+        )
         spy.wait(60)
     finally:
         srv.stop()
-    keys = ("sent", "delivered_win", "handshakes_win", "acked_win", "server_cpu_util",
-            "load_cpu_util_max", "other_cores", "window_s")
+    keys = (
+        "sent",
+        "delivered_win",
+        "handshakes_win",
+        "acked_win",
+        "server_cpu_util",
+        "load_cpu_util_max",
+        "other_cores",
+        "window_s",
+    )
     print({k: raw[k] for k in keys if k in raw})
     if out.exists():
         print(summarize(out, args.top))

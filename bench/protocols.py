@@ -84,9 +84,7 @@ class FixedRecords(Client):
     def _framed(self, buf: bytes, n: int, end: int) -> bool:
         """Every record starts with the prefix: one strided slice per prefix byte (C speed)."""
         stride, prefix = self.stride, self.prefix
-        return all(
-            buf[j:end:stride] == prefix[j : j + 1] * n for j in range(len(prefix))
-        )
+        return all(buf[j:end:stride] == prefix[j : j + 1] * n for j in range(len(prefix)))
 
     def on_data(self, data: bytes, now: int) -> bytes:
         buf = self.buf + data if self.buf else data
@@ -184,7 +182,7 @@ def client_key(run_seed: bytes, role: str, index: int) -> bytes:
 
 
 def public_of(private: bytes) -> bytes:
-    from securechat import dh
+    from securechat.core import dh
 
     return dh.public_key(private)
 
@@ -198,7 +196,7 @@ class SecureChatClient(Client):
 
     def __init__(self, private: bytes, mailboxes: list[bytes], size: int, multi: bool) -> None:
         super().__init__()
-        from securechat import noise, wire
+        from securechat.core import noise, wire
 
         self.wire = wire
         self.conn = noise.NoiseConnection(initiator=True, static_private=private, rng=os.urandom)
@@ -265,9 +263,7 @@ class SecureChatClient(Client):
             msg_id = self.tag + self.counter.to_bytes(8, "big")
             pending[msg_id] = ts
             if self.multi:
-                frame: Any = wire.SendMulti(
-                    msg_id, tuple((m, payload) for m in self.mailboxes)
-                )
+                frame: Any = wire.SendMulti(msg_id, tuple((m, payload) for m in self.mailboxes))
             else:  # rotate over the targets (spreads offline frames over mailboxes)
                 box = self.mailboxes[self.counter % len(self.mailboxes)]
                 frame = wire.Send(msg_id, box, payload)

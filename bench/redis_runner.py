@@ -35,7 +35,9 @@ def find_or_install(log: list[str]) -> str | None:
         if attempt == "update+install":
             subprocess.run([apt, "update"], env=env, capture_output=True, timeout=APT_TIMEOUT_S)
         done = subprocess.run(
-            [apt, "install", "-y", "redis-server"], env=env, capture_output=True,
+            [apt, "install", "-y", "redis-server"],
+            env=env,
+            capture_output=True,
             timeout=APT_TIMEOUT_S,
         )
         path = shutil.which("redis-server")
@@ -63,10 +65,27 @@ def start(workdir: Path, log: list[str]) -> Server | None:
     port = free_port()
     logfile = workdir / "redis.log"
     argv = [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--protected-mode", "no", "--daemonize", "no", "--dir", str(workdir),
-        "--maxclients", "19000", "--client-output-buffer-limit", "pubsub 0 0 0",
-        "--logfile", str(logfile),
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(workdir),
+        "--maxclients",
+        "19000",
+        "--client-output-buffer-limit",
+        "pubsub 0 0 0",
+        "--logfile",
+        str(logfile),
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     server = Server("redis", proc, "127.0.0.1", port, logfile)

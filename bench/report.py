@@ -40,10 +40,24 @@ def paired_ratio(runs: Runs, key: str, field: str, base: str = "redis") -> float
     return statistics.median(ratios) if ratios else None
 
 
-def _row(label: str, unit: str, vals: dict[str, float | None], ratio: float | None,
-         target: str, met: bool | None, note: str = "") -> dict[str, Any]:
-    return {"figure": label, "unit": unit, **vals, "ratio": ratio, "target": target,
-            "met": met, "note": note}
+def _row(
+    label: str,
+    unit: str,
+    vals: dict[str, float | None],
+    ratio: float | None,
+    target: str,
+    met: bool | None,
+    note: str = "",
+) -> dict[str, Any]:
+    return {
+        "figure": label,
+        "unit": unit,
+        **vals,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        "note": note,
+    }
 
 
 def _three(runs: Runs, key: str, field: str) -> dict[str, float | None]:
@@ -56,16 +70,38 @@ def figures(runs: Runs, extra: dict[str, Any]) -> list[dict[str, Any]]:
     direct = (("direct_256", "direct 256 B, N=100"), ("direct_4096", "direct 4 KiB, N=100"))
     for key, label in direct:
         r = paired_ratio(runs, key, "deliveries_per_s")
-        rows.append(_row(f"{label}: deliveries/s", "/s", _three(runs, key, "deliveries_per_s"), r,
-                         ">= 1.0x Redis", None if r is None else r >= 1.0))
+        rows.append(
+            _row(
+                f"{label}: deliveries/s",
+                "/s",
+                _three(runs, key, "deliveries_per_s"),
+                r,
+                ">= 1.0x Redis",
+                None if r is None else r >= 1.0,
+            )
+        )
     r = paired_ratio(runs, "direct_256", "cpu_us_per_delivery")
-    rows.append(_row("relay CPU per delivery (direct 256 B)", "us",
-                     _three(runs, "direct_256", "cpu_us_per_delivery"), r, "<= 1.5x Redis",
-                     None if r is None else r <= 1.5))
+    rows.append(
+        _row(
+            "relay CPU per delivery (direct 256 B)",
+            "us",
+            _three(runs, "direct_256", "cpu_us_per_delivery"),
+            r,
+            "<= 1.5x Redis",
+            None if r is None else r <= 1.5,
+        )
+    )
     r = paired_ratio(runs, "group_256", "deliveries_per_s")
-    rows.append(_row("group fan-out 256 B (10 x 10): deliveries/s", "/s",
-                     _three(runs, "group_256", "deliveries_per_s"), r, ">= 0.8x Redis",
-                     None if r is None else r >= 0.8))
+    rows.append(
+        _row(
+            "group fan-out 256 B (10 x 10): deliveries/s",
+            "/s",
+            _three(runs, "group_256", "deliveries_per_s"),
+            r,
+            ">= 0.8x Redis",
+            None if r is None else r >= 0.8,
+        )
+    )
     rows += _paced_rows(runs)
     rows += _memory_rows(runs, extra)
     rows += _securechat_rows(runs, extra)
@@ -75,17 +111,30 @@ def figures(runs: Runs, extra: dict[str, Any]) -> list[dict[str, Any]]:
 def _paced_rows(runs: Runs) -> list[dict[str, Any]]:
     rows = []
     frac = {  # the worst repetition: "100% delivered" must hold in every one
-        s: min((r["delivered_fraction"] for r in runs.get("paced_30000", {}).get(s, [])
-                if isinstance(r.get("delivered_fraction"), float)), default=None)
+        s: min(
+            (
+                r["delivered_fraction"]
+                for r in runs.get("paced_30000", {}).get(s, [])
+                if isinstance(r.get("delivered_fraction"), float)
+            ),
+            default=None,
+        )
         for s in SYSTEMS
     }
     sc_runs = runs.get("paced_30000", {}).get("securechat", [])
     sc_frac = [x.get("delivered_fraction") for x in sc_runs]
     all_delivered = bool(sc_frac) and all(isinstance(f, float) and f >= 1.0 for f in sc_frac)
     frac = {s: None if v is None else 100 * v for s, v in frac.items()}
-    rows.append(_row("30k/s offered: delivered within the drain (worst rep)", "%", frac, None,
-                     "100%",
-                     all_delivered if sc_frac else None))
+    rows.append(
+        _row(
+            "30k/s offered: delivered within the drain (worst rep)",
+            "%",
+            frac,
+            None,
+            "100%",
+            all_delivered if sc_frac else None,
+        )
+    )
     p99 = _three(runs, "paced_30000", "p99_ms")
     r = paired_ratio(runs, "paced_30000", "p99_ms")
     met = None
@@ -93,11 +142,27 @@ def _paced_rows(runs: Runs) -> list[dict[str, Any]]:
         bound = max(2 * p99["redis"], 1.0)
         met = p99["securechat"] <= bound
     rows.append(_row("30k/s offered: p99 latency", "ms", p99, r, "<= max(2x Redis, 1 ms)", met))
-    rows.append(_row("30k/s offered: p50 latency", "ms", _three(runs, "paced_30000", "p50_ms"),
-                     paired_ratio(runs, "paced_30000", "p50_ms"), "-", None))
+    rows.append(
+        _row(
+            "30k/s offered: p50 latency",
+            "ms",
+            _three(runs, "paced_30000", "p50_ms"),
+            paired_ratio(runs, "paced_30000", "p50_ms"),
+            "-",
+            None,
+        )
+    )
     for field, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-        rows.append(_row(f"2k/s offered: {label} latency", "ms", _three(runs, "paced_2000", field),
-                         paired_ratio(runs, "paced_2000", field), "-", None))
+        rows.append(
+            _row(
+                f"2k/s offered: {label} latency",
+                "ms",
+                _three(runs, "paced_2000", field),
+                paired_ratio(runs, "paced_2000", field),
+                "-",
+                None,
+            )
+        )
     return rows
 
 
@@ -111,25 +176,55 @@ def _memory_rows(runs: Runs, extra: dict[str, Any]) -> list[dict[str, Any]]:
         sc, rd = vals["securechat"], vals["redis"]
         ratio = sc / rd if sc is not None and rd else None
         if count == 5000:
-            rows.append(_row(f"RSS per idle connection at {count}", "KiB", vals, ratio, "<= 8 KiB",
-                             None if sc is None else sc <= 8.0))
+            rows.append(
+                _row(
+                    f"RSS per idle connection at {count}",
+                    "KiB",
+                    vals,
+                    ratio,
+                    "<= 8 KiB",
+                    None if sc is None else sc <= 8.0,
+                )
+            )
         else:
             rows.append(_row(f"RSS per idle connection at {count}", "KiB", vals, ratio, "-", None))
         if count == 10_000:
             held: dict[str, float | None] = {
                 s: 1.0 if data.get(s, {}).get("held") else 0.0 for s in vals
             }
-            rows.append(_row("10,000 connections held (1 = yes)", "", held, None, "held",
-                             bool(held["securechat"])))
+            rows.append(
+                _row(
+                    "10,000 connections held (1 = yes)",
+                    "",
+                    held,
+                    None,
+                    "held",
+                    bool(held["securechat"]),
+                )
+            )
     peak = _three(runs, "burst_4096", "peak_rss_mib")
     if any(v is not None for v in peak.values()):
-        rows.append(_row("4 KiB broadcast burst: peak server RSS", "MiB", peak,
-                         paired_ratio(runs, "burst_4096", "peak_rss_mib"), "< 100 MiB",
-                         None if peak["securechat"] is None else peak["securechat"] < 100))
+        rows.append(
+            _row(
+                "4 KiB broadcast burst: peak server RSS",
+                "MiB",
+                peak,
+                paired_ratio(runs, "burst_4096", "peak_rss_mib"),
+                "< 100 MiB",
+                None if peak["securechat"] is None else peak["securechat"] < 100,
+            )
+        )
         burst = _three(runs, "burst_4096", "delivered_fraction")
-        rows.append(_row("4 KiB broadcast burst: delivered", "%",
-                         {s: None if v is None else 100 * v for s, v in burst.items()},
-                         None, "-", None))
+        rows.append(
+            _row(
+                "4 KiB broadcast burst: delivered",
+                "%",
+                {s: None if v is None else 100 * v for s, v in burst.items()},
+                None,
+                "-",
+                None,
+            )
+        )
     return rows
 
 
@@ -137,43 +232,95 @@ def _securechat_rows(runs: Runs, extra: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     none = {"redis": None, "naive": None}
     tput = value(runs, "durable", "securechat", "accept_per_s")
-    rows.append(_row("durable store, offline recipients: frames/s accepted", "/s",
-                     {"securechat": tput, **none}, None, ">= 20,000",
-                     None if tput is None else tput >= 20_000))
+    rows.append(
+        _row(
+            "durable store, offline recipients: frames/s accepted",
+            "/s",
+            {"securechat": tput, **none},
+            None,
+            ">= 20,000",
+            None if tput is None else tput >= 20_000,
+        )
+    )
     p99 = value(runs, "durable_2000", "securechat", "accept_p99_ms")
-    rows.append(_row("durable store at 2k/s: ack p99", "ms", {"securechat": p99, **none}, None,
-                     "<= 10 ms", None if p99 is None else p99 <= 10.0))
+    rows.append(
+        _row(
+            "durable store at 2k/s: ack p99",
+            "ms",
+            {"securechat": p99, **none},
+            None,
+            "<= 10 ms",
+            None if p99 is None else p99 <= 10.0,
+        )
+    )
     e2e = extra.get("e2e", {})
     box, stream = e2e.get("box_us"), e2e.get("stream_us")
     ratio = stream / box if stream is not None and box else None
-    rows.append(_row("E2E seal+open 1 KiB (symmetric ratchet step)", "us",
-                     {"securechat": stream, **none}, ratio,
-                     f"<= 3x raw box ({box:.1f} us)" if box else "<= 3x raw box",
-                     None if ratio is None else ratio <= 3.0, "ratio vs precomputed nacl Box"))
+    rows.append(
+        _row(
+            "E2E seal+open 1 KiB (symmetric ratchet step)",
+            "us",
+            {"securechat": stream, **none},
+            ratio,
+            f"<= 3x raw box ({box:.1f} us)" if box else "<= 3x raw box",
+            None if ratio is None else ratio <= 3.0,
+            "ratio vs precomputed nacl Box",
+        )
+    )
     rec = e2e.get("record_1k_us")
     if rec is not None:
-        rows.append(_row("E2E seal+open, text padded to a 1 KiB record (the box's size)", "us",
-                         {"securechat": rec, **none}, rec / box if box else None, "-", None,
-                         f"{e2e.get('record_1k_text_bytes')} B of text: same bytes sealed as"
-                         " the box; 1 KiB of text pads to 2 KiB"))
+        rows.append(
+            _row(
+                "E2E seal+open, text padded to a 1 KiB record (the box's size)",
+                "us",
+                {"securechat": rec, **none},
+                rec / box if box else None,
+                "-",
+                None,
+                f"{e2e.get('record_1k_text_bytes')} B of text: same bytes sealed as"
+                " the box; 1 KiB of text pads to 2 KiB",
+            )
+        )
     for sw in e2e.get("state_write", []):
         n = sw["peers"]
-        rows.append(_row(f"client state write per message, {n} busy peer(s)", "ms",
-                         {"securechat": sw["after_us"] / 1000, **none},
-                         sw["after_us"] / sw["before_us"], "-", None,
-                         f"{sw['after_bytes'] / 1024:,.0f} KiB written; whole-state blob before:"
-                         f" {sw['before_us'] / 1000:,.1f} ms, {sw['before_bytes'] / 1024:,.0f} KiB"
-                         " (ratio = rows / blob)"))
+        rows.append(
+            _row(
+                f"client state write per message, {n} busy peer(s)",
+                "ms",
+                {"securechat": sw["after_us"] / 1000, **none},
+                sw["after_us"] / sw["before_us"],
+                "-",
+                None,
+                f"{sw['after_bytes'] / 1024:,.0f} KiB written; whole-state blob before:"
+                f" {sw['before_us'] / 1000:,.1f} ms, {sw['before_bytes'] / 1024:,.0f} KiB"
+                " (ratio = rows / blob)",
+            )
+        )
     pp = e2e.get("ping_pong_us")
-    rows.append(_row("E2E seal+open 1 KiB (with DH ratchet step)", "us",
-                     {"securechat": pp, **none}, pp / box if pp is not None and box else None,
-                     "-", None, "every message answers the previous one"))
+    rows.append(
+        _row(
+            "E2E seal+open 1 KiB (with DH ratchet step)",
+            "us",
+            {"securechat": pp, **none},
+            pp / box if pp is not None and box else None,
+            "-",
+            None,
+            "every message answers the previous one",
+        )
+    )
     hs = extra.get("handshakes", {})
     rate = hs.get("per_s")
-    rows.append(_row("Noise handshakes completed/s at the relay", "/s",
-                     {"securechat": rate, **none}, None, ">= 5,000",
-                     None if rate is None else rate >= 5000,
-                     _handshake_note(hs)))
+    rows.append(
+        _row(
+            "Noise handshakes completed/s at the relay",
+            "/s",
+            {"securechat": rate, **none},
+            None,
+            ">= 5,000",
+            None if rate is None else rate >= 5000,
+            _handshake_note(hs),
+        )
+    )
     return rows
 
 
@@ -182,8 +329,10 @@ def _handshake_note(hs: dict[str, Any]) -> str:
         return ""
     note = f"relay CPU {hs.get('relay_cpu_us_each') or 0:.0f} us each"
     if hs.get("machine_ceiling_per_s"):
-        note += (f"; initiators {hs['initiator_cpu_us_each']:.0f} us each; both halves on"
-                 f" this machine's cores: at most {hs['machine_ceiling_per_s']:,.0f}/s")
+        note += (
+            f"; initiators {hs['initiator_cpu_us_each']:.0f} us each; both halves on"
+            f" this machine's cores: at most {hs['machine_ceiling_per_s']:,.0f}/s"
+        )
     return note
 
 
@@ -213,9 +362,16 @@ def _verdict(met: bool | None, target: str) -> str:
 def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     head = ["figure", "unit", "securechat", "redis", "naive", "ratio sc/redis", "target", "result"]
     body = [
-        [r["figure"], r["unit"], _fmt(r["securechat"]), _fmt(r["redis"]), _fmt(r["naive"]),
-         "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"],
-         _verdict(r["met"], r["target"])]
+        [
+            r["figure"],
+            r["unit"],
+            _fmt(r["securechat"]),
+            _fmt(r["redis"]),
+            _fmt(r["naive"]),
+            "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+            r["target"],
+            _verdict(r["met"], r["target"]),
+        ]
         for r in rows
     ]
     if markdown:
@@ -296,9 +452,13 @@ def plot(runs: Runs, directory: Path) -> list[Path]:
             lat = [p[1][field] for p in series]
             good = [(x, y) for x, y in zip(xs, lat, strict=True) if y]
             if good:
-                ax.plot(*zip(*good, strict=True), styles.get(system, "o-"), alpha=alpha,
-                        color=COLORS.get(system),
-                        label=f"{system} {field[:3]}")
+                ax.plot(
+                    *zip(*good, strict=True),
+                    styles.get(system, "o-"),
+                    alpha=alpha,
+                    color=COLORS.get(system),
+                    label=f"{system} {field[:3]}",
+                )
     ax.set_yscale("log")
     ax.set_xlabel("offered load (frames/s, 256 B, 100 pairs)")
     ax.set_ylabel("latency (ms, log scale)")
@@ -315,8 +475,11 @@ def plot(runs: Runs, directory: Path) -> list[Path]:
 
 def _bars(plt: Any, runs: Runs, path: Path) -> Path:
     """Unpaced deliveries/s per workload and system (linear: bar heights must not mislead)."""
-    keys = [("direct_256", "direct 256 B"), ("direct_4096", "direct 4 KiB"),
-            ("group_256", "fan-out 256 B")]
+    keys = [
+        ("direct_256", "direct 256 B"),
+        ("direct_4096", "direct 4 KiB"),
+        ("group_256", "fan-out 256 B"),
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.27
     for i, system in enumerate(SYSTEMS):

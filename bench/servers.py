@@ -23,9 +23,16 @@ BENCH_MAX_PER_IP = 20_000
 # The per-network (/24) admission limits, lifted like --max-per-ip (relays before issue 11
 # do not have these flags: bench.ab's baseline side runs without them).
 BENCH_NETWORK_ARGS = [
-    "--max-per-prefix", str(BENCH_MAX_PER_IP), "--max-handshakes", "4096",
-    "--max-handshakes-per-prefix", "4096", "--accept-rate", "1000000",
-    "--accept-burst", "1000000",
+    "--max-per-prefix",
+    str(BENCH_MAX_PER_IP),
+    "--max-handshakes",
+    "4096",
+    "--max-handshakes-per-prefix",
+    "4096",
+    "--accept-rate",
+    "1000000",
+    "--accept-burst",
+    "1000000",
 ]
 
 
@@ -115,8 +122,10 @@ def _cli_has_relay() -> bool:
     """Whether ``securechat relay`` exists yet (asked once per benchmark run)."""
     if not _CLI_HAS_RELAY:
         probe = subprocess.run(
-            [sys.executable, "-m", "securechat", "relay", "--help"], capture_output=True,
-            cwd=REPO, timeout=60,
+            [sys.executable, "-m", "securechat", "relay", "--help"],
+            capture_output=True,
+            cwd=REPO,
+            timeout=60,
         )
         _CLI_HAS_RELAY.append(probe.returncode == 0)
     return _CLI_HAS_RELAY[0]
@@ -131,8 +140,16 @@ def start_securechat(workdir: Path, extra: list[str] | None = None) -> Server:
     # household behind one NAT, one /24, by default), nothing else; the relay otherwise runs
     # with its shipped defaults.
     args = [
-        "--host", "127.0.0.1", "--port", "0", "--data", str(data),
-        "--max-per-ip", str(BENCH_MAX_PER_IP), *BENCH_NETWORK_ARGS, *(extra or []),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data",
+        str(data),
+        "--max-per-ip",
+        str(BENCH_MAX_PER_IP),
+        *BENCH_NETWORK_ARGS,
+        *(extra or []),
     ]
     if _cli_has_relay():
         argv = [sys.executable, "-m", "securechat", "relay", *args]

@@ -43,8 +43,15 @@ class Plan:
     def make(quick: bool, reps: int | None) -> Plan:
         if quick:
             return Plan(True, reps or 1, 1.5, (), (1000,), 300, 1.2)
-        return Plan(False, reps or 5, 3.5, (5000, 10_000, 20_000, 45_000, 60_000),
-                    (1000, 5000, 10_000), 2000, 3.0)
+        return Plan(
+            False,
+            reps or 5,
+            3.5,
+            (5000, 10_000, 20_000, 45_000, 60_000),
+            (1000, 5000, 10_000),
+            2000,
+            3.0,
+        )
 
 
 def percentile(values: list[int], q: float) -> float | None:
@@ -123,8 +130,14 @@ class Suite:
             return servers.start_naive(workdir)
         return servers.start_securechat(workdir, extra)
 
-    def measure(self, key: str, system: str, wl: driver.Workload, fanout: int = 1,
-                extra: list[str] | None = None) -> dict[str, Any] | None:
+    def measure(
+        self,
+        key: str,
+        system: str,
+        wl: driver.Workload,
+        fanout: int = 1,
+        extra: list[str] | None = None,
+    ) -> dict[str, Any] | None:
         """One fresh server, one workload; the summary is appended to ``runs[key][system]``."""
         srv = None
         try:
@@ -182,8 +195,11 @@ class Suite:
             after = _settled_rss(srv.pid)
             ready = sum(r["ready"] for r in handle["ready"])
             result = {
-                "connections": count, "ready": ready, "rss_before_kib": before,
-                "rss_after_kib": after, "kib_per_connection": (after - before) / max(1, ready),
+                "connections": count,
+                "ready": ready,
+                "rss_before_kib": before,
+                "rss_after_kib": after,
+                "kib_per_connection": (after - before) / max(1, ready),
                 "held": ready == count and srv.alive(),
                 "threads": procfs.threads(srv.pid),
                 "errors": sorted({r["last_error"] for r in handle["ready"]} - {""}),
@@ -267,9 +283,18 @@ def _settled_rss(pid: int, timeout: float = 15.0) -> int:
 def _brief(result: dict[str, Any]) -> str:
     if "failed" in result:
         return "FAILED " + str(result["failed"])[:200]
-    keys = ("deliveries_per_s", "cpu_us_per_delivery", "p99_ms", "delivered_fraction",
-            "load_cpu_util_max", "server_cpu_util", "other_cores", "peak_rss_mib",
-            "kib_per_connection", "ready")
+    keys = (
+        "deliveries_per_s",
+        "cpu_us_per_delivery",
+        "p99_ms",
+        "delivered_fraction",
+        "load_cpu_util_max",
+        "server_cpu_util",
+        "other_cores",
+        "peak_rss_mib",
+        "kib_per_connection",
+        "ready",
+    )
     parts = []
     for k in keys:
         v = result.get(k)

@@ -24,9 +24,11 @@ from bench.suite import percentile
 
 
 def _redis_message(channel: bytes, payload: bytes) -> bytes:
-    return (
-        b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-        % (len(channel), channel, len(payload), payload)
+    return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(channel),
+        channel,
+        len(payload),
+        payload,
     )
 
 
@@ -96,8 +98,10 @@ def test_report_judges_targets_from_paired_ratios() -> None:
 
 def test_naive_relay_routes_direct_and_fanout() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.naive_relay", "--port", "0"], cwd=REPO,
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "bench.naive_relay", "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -60,8 +60,13 @@ def throughput(pairs: int, size: int, seconds: float) -> Workload:
 
 
 def fanout(groups: int, members: int, size: int, seconds: float) -> Workload:
-    return Workload("run", group(groups, members), {"size": size, "multi": True},
-                    duration_s=seconds, drain_s=1.0)
+    return Workload(
+        "run",
+        group(groups, members),
+        {"size": size, "multi": True},
+        duration_s=seconds,
+        drain_s=1.0,
+    )
 
 
 def paced(pairs: int, size: int, rate: float, seconds: float) -> Workload:
@@ -71,10 +76,20 @@ def paced(pairs: int, size: int, rate: float, seconds: float) -> Workload:
 def burst(receivers: int, frames: int, size: int, pause_s: float) -> Workload:
     """One sender, ``frames`` frames to ``receivers`` stalled receivers, then they read."""
     return Workload(
-        "run", group(1, receivers),
-        {"size": size, "multi": True, "burst_count": frames, "pause_ns": int(pause_s * 1e9),
-         "batch": 16, "max_out": 1 << 22},
-        duration_s=pause_s, warmup_s=0.0, drain_s=20.0, sample_rss=True,
+        "run",
+        group(1, receivers),
+        {
+            "size": size,
+            "multi": True,
+            "burst_count": frames,
+            "pause_ns": int(pause_s * 1e9),
+            "batch": 16,
+            "max_out": 1 << 22,
+        },
+        duration_s=pause_s,
+        warmup_s=0.0,
+        drain_s=20.0,
+        sample_rss=True,
     )
 
 
@@ -86,14 +101,21 @@ def durable(senders: int, recipients_per_sender: int, rate: float, seconds: floa
         targets = list(range(base, base + recipients_per_sender))
         specs.append((i, {"role": "send", "index": i, "targets": targets, "channel": f"o{i}"}))
     return Workload(
-        "run", _spread(specs, LOAD_PROCS), {"size": 256, "record_accept": True},
-        duration_s=seconds, rate=rate,
+        "run",
+        _spread(specs, LOAD_PROCS),
+        {"size": 256, "record_accept": True},
+        duration_s=seconds,
+        rate=rate,
     )
 
 
 def handshakes(concurrency: int, seconds: float) -> Workload:
     per: list[list[dict[str, Any]]] = [[] for _ in range(LOAD_PROCS)]
     return Workload(
-        "handshake", per, {"size": 256, "concurrency": concurrency}, duration_s=seconds,
-        warmup_s=0.3, drain_s=0.0,
+        "handshake",
+        per,
+        {"size": 256, "concurrency": concurrency},
+        duration_s=seconds,
+        warmup_s=0.3,
+        drain_s=0.0,
     )

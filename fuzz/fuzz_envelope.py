@@ -21,10 +21,10 @@ import random
 import sys
 from pathlib import Path
 
-from securechat import envelope
-from securechat.e2e import Content, E2EState, parse_bundle
+from securechat.core import envelope
+from securechat.core.e2e import Content, E2EState, parse_bundle
+from securechat.core.keys import generate_identity
 from securechat.errors import AuthenticationError, SessionError
-from securechat.keys import generate_identity
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "envelope"
 

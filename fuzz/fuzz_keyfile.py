@@ -25,11 +25,11 @@ import hashlib
 import sys
 from pathlib import Path
 
-import _harness  # the fuzz/ folder is on sys.path when run as a script
-
-from securechat import encoding, keys
+from securechat.core import encoding, keys
 from securechat.errors import SecureChatError
 from securechat.relay import keyfile
+
+import _harness  # the fuzz/ folder is on sys.path when run as a script
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "keyfile"
 _PATH = Path("relay.key")
@@ -80,13 +80,16 @@ def make_corpus() -> int:
         "public_noname": b"\x01" + ident.public.to_line().split(" ")[0].encode(),
     }
     relay_priv = hashlib.blake2s(b"fuzz relay").digest()
-    from securechat import dh
+    from securechat.core import dh
 
     pub = encoding.encode_token(keyfile.PUBLIC_PREFIX, dh.public_key(relay_priv))
-    seeds["relay_key"] = b"\x02" + (
-        f"{keyfile.HEADER}\nsecret {encoding.encode_token(keyfile.SECRET_PREFIX, relay_priv)}\n"
-        f"public {pub}\n"
-    ).encode()
+    seeds["relay_key"] = (
+        b"\x02"
+        + (
+            f"{keyfile.HEADER}\nsecret {encoding.encode_token(keyfile.SECRET_PREFIX, relay_priv)}\n"
+            f"public {pub}\n"
+        ).encode()
+    )
     seeds["relay_pub"] = b"\x03" + pub.encode() + b"\n"
     for name, blob in seeds.items():
         (CORPUS / name).write_bytes(blob)

@@ -16,7 +16,7 @@ import hashlib
 import sys
 from collections.abc import Callable
 
-from securechat import noise
+from securechat.core import noise
 from securechat.errors import SecureChatError
 
 _RELAY_KEY = hashlib.blake2s(b"fuzz relay static").digest()

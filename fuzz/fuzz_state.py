@@ -23,12 +23,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import _harness  # the fuzz/ folder is on sys.path when run as a script
-
-from securechat import envelope
-from securechat.e2e import Content, E2EState, parse_bundle
+from securechat.core import envelope
+from securechat.core.e2e import Content, E2EState, parse_bundle
+from securechat.core.keys import Identity, generate_identity
 from securechat.errors import SecureChatError
-from securechat.keys import Identity, generate_identity
+
+import _harness  # the fuzz/ folder is on sys.path when run as a script
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "state"
 
@@ -122,9 +122,10 @@ def make_corpus() -> int:
         "msg_unknown_sender": b"\x02" + _TO_BOB[0],
         "content_plain": b"\x03" + envelope.encode_content(Content(bytes(16), 1, "x")),
         "peer_row_alice": b"\x04" + _BOB_ROWS.peers[ALICE.public.dh],
-        "content_group": b"\x03" + envelope.encode_content(Content(
-            bytes(16), 2, "group hi", envelope.Group.of((ALICE.public.dh, BOB.public.dh))
-        )),
+        "content_group": b"\x03"
+        + envelope.encode_content(
+            Content(bytes(16), 2, "group hi", envelope.Group.of((ALICE.public.dh, BOB.public.dh)))
+        ),
     }
     for name, blob in seeds.items():
         (CORPUS / name).write_bytes(blob)

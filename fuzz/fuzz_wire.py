@@ -14,7 +14,7 @@ import random
 import sys
 from pathlib import Path
 
-from securechat import wire
+from securechat.core import wire
 from securechat.errors import FrameError
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "wire"

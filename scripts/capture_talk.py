@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration"), str(ROOT)]
 
 import test_talk_pty as pty  # noqa: E402 (needs the path above)
+
 from relay_fixture import Relay, keygen  # noqa: E402
 
 HEADER = [
@@ -41,6 +42,7 @@ def main(out_path: str) -> None:
     keygen(home, "alice", "bob")
     relay = Relay.start(tmp / "relay-data")
     try:
+
         def start(key: str, peer: str) -> pty.Term:
             term = pty.Term(home, ["talk", "--key", key, "--peer", peer, "--relay", relay.address])
             term.wait("connected")

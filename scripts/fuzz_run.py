@@ -60,15 +60,25 @@ def run_target(script: Path, seconds: int, results: Path) -> Result:
     artifacts.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
         cmd = [
-            sys.executable, str(script), work, *([str(seeds)] if seeds.is_dir() else []),
-            f"-max_total_time={seconds}", f"-rss_limit_mb={RSS_LIMIT_MB}",
-            f"-malloc_limit_mb={MALLOC_LIMIT_MB}", f"-timeout={UNIT_TIMEOUT_S}",
-            f"-artifact_prefix={artifacts}/", "-print_final_stats=1",
+            sys.executable,
+            str(script),
+            work,
+            *([str(seeds)] if seeds.is_dir() else []),
+            f"-max_total_time={seconds}",
+            f"-rss_limit_mb={RSS_LIMIT_MB}",
+            f"-malloc_limit_mb={MALLOC_LIMIT_MB}",
+            f"-timeout={UNIT_TIMEOUT_S}",
+            f"-artifact_prefix={artifacts}/",
+            "-print_final_stats=1",
         ]
         start = time.monotonic()
         try:
             proc = subprocess.run(
-                cmd, capture_output=True, text=True, cwd=REPO, preexec_fn=_limit_memory,
+                cmd,
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                preexec_fn=_limit_memory,
                 timeout=seconds + STARTUP_ALLOWANCE_S,
             )
             out, code = proc.stdout + proc.stderr, proc.returncode
@@ -79,12 +89,15 @@ def run_target(script: Path, seconds: int, results: Path) -> Result:
     stats = {k: int(v) for k, v in _STAT.findall(out)}
     found = sorted(str(p) for p in artifacts.iterdir() if p.name != "log.txt")
     return Result(
-        target=name, seconds=round(elapsed, 1),
+        target=name,
+        seconds=round(elapsed, 1),
         executions=stats.get("number_of_executed_units", 0),
         exec_per_sec=stats.get("average_exec_per_sec", 0),
-        new_units=stats.get("new_units_added", 0), peak_rss_mb=stats.get("peak_rss_mb", 0),
+        new_units=stats.get("new_units_added", 0),
+        peak_rss_mb=stats.get("peak_rss_mb", 0),
         crashes=len(found) + (1 if code != 0 and not found else 0),
-        exit_code=code, artifacts=found,
+        exit_code=code,
+        artifacts=found,
     )
 
 
@@ -102,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         print("atheris is not installed: pip install -e .[fuzz]", file=sys.stderr)
         return 2
     wanted = {n for n in args.only.split(",") if n}
-    scripts = [s for s in sorted(FUZZ_DIR.glob("fuzz_*.py"))
-               if not wanted or s.stem.removeprefix("fuzz_") in wanted]
+    scripts = [
+        s
+        for s in sorted(FUZZ_DIR.glob("fuzz_*.py"))
+        if not wanted or s.stem.removeprefix("fuzz_") in wanted
+    ]
     seconds = max(int(args.minutes * 60), 1)
     results = Path(args.results)
     print(f"fuzzing {len(scripts)} targets for {seconds}s each, {args.jobs} at a time")
@@ -111,18 +127,27 @@ def main(argv: list[str] | None = None) -> int:
         summary = list(pool.map(lambda s: run_target(s, seconds, results), scripts))
     print(f"{'target':<12} {'execs':>10} {'exec/s':>8} {'new':>6} {'rss MB':>7} {'crashes':>8}")
     for r in summary:
-        print(f"{r.target:<12} {r.executions:>10} {r.exec_per_sec:>8} {r.new_units:>6} "
-              f"{r.peak_rss_mb:>7} {r.crashes:>8}")
+        print(
+            f"{r.target:<12} {r.executions:>10} {r.exec_per_sec:>8} {r.new_units:>6} "
+            f"{r.peak_rss_mb:>7} {r.crashes:>8}"
+        )
         for a in r.artifacts:
             print(f"    crash input: {a}")
     total = sum(r.executions for r in summary)
     crashes = sum(r.crashes for r in summary)
     print(f"total executions {total}, crashes {crashes} (logs in {results})")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "seconds_per_target": seconds, "total_executions": total, "crashes": crashes,
-            "targets": [asdict(r) for r in summary],
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "seconds_per_target": seconds,
+                    "total_executions": total,
+                    "crashes": crashes,
+                    "targets": [asdict(r) for r in summary],
+                },
+                indent=2,
+            )
+        )
     return 1 if crashes else 0
 
 

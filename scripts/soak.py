@@ -84,7 +84,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 def run_driver(args: argparse.Namespace) -> int:
-    from securechat import keystore
+    from securechat.client import keystore
     from securechat.client.app import open_client
     from securechat.client.messenger import Event, MessageEvent, NoticeEvent, StatusEvent
 
@@ -106,8 +106,10 @@ def run_driver(args: argparse.Namespace) -> int:
     plan = streams()[args.name]
     with open_client(args.name, args.relay, args.relay_key, on_event) as client:
         m = client.messenger
-        convs = {label: client.conversation([keystore.load_public(p) for p in peers])
-                 for label, peers in plan}
+        convs = {
+            label: client.conversation([keystore.load_public(p) for p in peers])
+            for label, peers in plan
+        }
         next_seq = {label: 1 for label in convs}
         for e in earlier:
             if e["ev"] == "sending":
@@ -145,8 +147,9 @@ def _log_history(m: Any, convs: dict[str, Any], log: EventLog) -> None:
                     log.write(ev="accepted", id=entry["msg_id"])
 
 
-def _send_all(m: Any, convs: dict[str, Any], next_seq: dict[str, int], log: EventLog,
-              args: argparse.Namespace) -> None:
+def _send_all(
+    m: Any, convs: dict[str, Any], next_seq: dict[str, int], log: EventLog, args: argparse.Namespace
+) -> None:
     interval = 1.0 / args.rate
     while True:
         todo = [label for label in convs if next_seq[label] <= args.count]
@@ -186,23 +189,56 @@ class Figures:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicates_shown or self.problems or self.order_violations
-                    or self.forgotten or self.delivered < self.deliveries_expected)
+        return not (
+            self.lost
+            or self.duplicates_shown
+            or self.problems
+            or self.order_violations
+            or self.forgotten
+            or self.delivered < self.deliveries_expected
+        )
 
 
 class Driver:
-    def __init__(self, name: str, work: Path, env: dict[str, str], relay: str, key: str,
-                 count: int, rate: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        work: Path,
+        env: dict[str, str],
+        relay: str,
+        key: str,
+        count: int,
+        rate: float,
+    ) -> None:
         self.name, self.work, self.env = name, work, env
-        self.base = [sys.executable, str(Path(__file__).resolve()), "driver", "--name", name,
-                     "--work", str(work), "--relay", relay, "--relay-key", key,
-                     "--count", str(count), "--rate", str(rate)]
+        self.base = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "driver",
+            "--name",
+            name,
+            "--work",
+            str(work),
+            "--relay",
+            relay,
+            "--relay-key",
+            key,
+            "--count",
+            str(count),
+            "--rate",
+            str(rate),
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, mode: str = "send") -> None:
         err = open(self.work / f"stderr-{self.name}.txt", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([*self.base, "--mode", mode], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=err, cwd=self.work)
+        self.proc = subprocess.Popen(
+            [*self.base, "--mode", mode],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=self.work,
+        )
         err.close()
 
     def kill(self) -> None:
@@ -223,8 +259,9 @@ class Driver:
         return any(e["ev"] == "sent_all" for e in events)
 
 
-def run_soak(messages: int, kills: int, seed: int, rate: float, work: Path,
-             log: Any = print) -> Figures:
+def run_soak(
+    messages: int, kills: int, seed: int, rate: float, work: Path, log: Any = print
+) -> Figures:
     from relay_fixture import env_for, keygen  # type: ignore[import-not-found]
     from relayclient import RelayProcess  # type: ignore[import-not-found]
 
@@ -237,8 +274,10 @@ def run_soak(messages: int, kills: int, seed: int, rate: float, work: Path,
     relay = RelayProcess.start(work / "relay", "--ack-timeout", "1", "--log-level", "WARNING")
     env = env_for(home)
     address = f"{relay.host}:{relay.port}"
-    drivers = {n: Driver(n, work, env, address, str(work / "relay" / "relay.pub"), count, rate)
-               for n in plan}
+    drivers = {
+        n: Driver(n, work, env, address, str(work / "relay" / "relay.pub"), count, rate)
+        for n in plan
+    }
     fig = Figures()
     start = time.monotonic()
     for d in drivers.values():
@@ -246,8 +285,10 @@ def run_soak(messages: int, kills: int, seed: int, rate: float, work: Path,
     expected_s = count / rate
     pause = (max(expected_s * 0.8, 2.0) / max(kills, 1)) if kills else 1.0
     deadline = start + expected_s * 4 + 120
-    log(f"soak: {len(plan)} clients, {n_streams} streams x {count} messages, {kills} kills, "
-        f"work dir {work}")
+    log(
+        f"soak: {len(plan)} clients, {n_streams} streams x {count} messages, {kills} kills, "
+        f"work dir {work}"
+    )
     while time.monotonic() < deadline:
         kills_done = fig.relay_kills + fig.client_kills
         if all(d.sent_all() for d in drivers.values()) and kills_done >= kills:

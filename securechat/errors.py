@@ -128,9 +128,7 @@ class InviteFailedError(AuthenticationError):
     order), as for any other authentication failure.
     """
 
-    def __init__(
-        self, message: str = "wrong code, or someone tampered with the exchange"
-    ) -> None:
+    def __init__(self, message: str = "wrong code, or someone tampered with the exchange") -> None:
         super().__init__(message)
 
 

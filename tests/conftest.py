@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from relay_fixture import Relay, keygen
 
 REPO = Path(__file__).resolve().parent.parent

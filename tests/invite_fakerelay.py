@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from securechat import dh, noise, wire
+from securechat.core import dh, noise, wire
 from securechat.errors import SecureChatError
 
 Tamper = Callable[[bool, bytes], bytes | None]
@@ -106,7 +106,8 @@ class TamperingRelay:
                 del self._pairs[plate]
         for plate, (opener, joiner) in gone:
             (joiner if c is opener else opener).send(
-                wire.InviteClosed(plate, wire.INVITE_PEER_LEFT))
+                wire.InviteClosed(plate, wire.INVITE_PEER_LEFT)
+            )
 
     def _on_frame(self, c: _Conn, frame: wire.Frame) -> None:
         if isinstance(frame, wire.Ping):

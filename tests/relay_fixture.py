@@ -38,22 +38,28 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """``securechat ARGS`` with stdin a pipe (so talk is in pipe mode)."""
     return subprocess.run(
-        [*cli_cmd(), *args], input=input, capture_output=True, text=True,
-        timeout=timeout, env=env_for(home), cwd=home.parent,
+        [*cli_cmd(), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_for(home),
+        cwd=home.parent,
     )
 
 
 def keygen(home: Path, *names: str, force: bool = False) -> None:
     """What ``securechat keygen NAME --no-passphrase`` does, in-process (it is faster)."""
-    from securechat import keys, keystore
+    from securechat import files
+    from securechat.core import keys
 
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name in names:
         identity = keys.generate_identity(name, os.urandom(keys.SEED_SIZE))
         private = keys.encode_private_key(identity, None, None).encode()
         public = (identity.public.to_line() + "\n").encode()
-        keystore.write_new_file(home / f"{name}.key", private, mode=0o600, force=force)
-        keystore.write_new_file(home / f"{name}.pub", public, mode=0o644, force=force)
+        files.write_new_file(home / f"{name}.key", private, mode=0o600, force=force)
+        files.write_new_file(home / f"{name}.pub", public, mode=0o644, force=force)
 
 
 @dataclass
@@ -69,9 +75,22 @@ class Relay:
     @classmethod
     def start(cls, data: Path, port: int = 0, extra: Sequence[str] = ()) -> Relay:
         proc = subprocess.Popen(
-            [*cli_cmd(), "relay", "--host", "127.0.0.1", "--port", str(port),
-             "--data", str(data), "--log-level", "WARNING", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                *cli_cmd(),
+                "relay",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data",
+                str(data),
+                "--log-level",
+                "WARNING",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env=env_for(data.parent / "relay-home"),
         )
         assert proc.stdout is not None
@@ -123,8 +142,13 @@ class Relay:
 
 
 def talk(
-    home: Path, key: str, peers: Sequence[str], relay: Relay, lines: Sequence[str] = (),
-    extra: Sequence[str] = (), timeout: float = 30,
+    home: Path,
+    key: str,
+    peers: Sequence[str],
+    relay: Relay,
+    lines: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    timeout: float = 30,
 ) -> subprocess.CompletedProcess[str]:
     """One pipe-mode talk run: send ``lines``, print what arrives, wait for acks."""
     args = ["talk", "--key", key, "--relay", relay.address]

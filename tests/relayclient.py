@@ -23,12 +23,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from securechat import dh, wire
-from securechat.encoding import decode_token
+from securechat.core import dh, wire
+from securechat.core.encoding import decode_token
+from securechat.core.noise import NoiseConnection
 from securechat.errors import ConnectionClosedError, RelayKeyChangedError
-from securechat.noise import NoiseConnection
 
 LISTEN_RE = re.compile(r"listening on ([0-9.]+):(\d+) key (\S+)")
+
+
 def new_identity() -> tuple[bytes, bytes]:
     """A fresh (private, public) X25519 pair."""
     private = os.urandom(32)
@@ -70,7 +72,10 @@ class RelayClient:
         )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         noise = NoiseConnection(
-            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify,
+            initiator=True,
+            static_private=static_private,
+            rng=os.urandom,
+            verify_remote=verify,
             payload=payload,
         )
         try:

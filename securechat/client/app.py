@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from securechat import keys, keystore, wire
+from securechat.client import keystore
 from securechat.client.link import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -26,6 +26,7 @@ from securechat.client.link import (
 )
 from securechat.client.messenger import Conversation, Event, Messenger, NoticeEvent
 from securechat.client.store import ClientStore, StoreKeys
+from securechat.core import keys, wire
 from securechat.errors import RelayUnreachableError, SecureChatError, UsageError
 
 ENV_RELAY: Final = "SECURECHAT_RELAY"

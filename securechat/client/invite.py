@@ -1,6 +1,6 @@
 """Running an invite over the relay, and recording the peer it verified (shell).
 
-A small pump around :class:`securechat.invite.InviteSession`: connect, send what
+A small pump around :class:`securechat.core.invite.InviteSession`: connect, send what
 the session returns, feed it the relay's invite frames, ping while waiting so the
 relay's idle timeout does not end a long wait, stop at the deadline. Printing is
 the caller's (``cli``, the demo): it gets the session's events as they happen.
@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from securechat import dh, keys, keystore, wire
+from securechat import files
+from securechat.client import keystore
 from securechat.client.link import KnownRelays, RelayLink
 from securechat.client.peers import KnownPeers
 from securechat.client.store import ClientStore
+from securechat.core import dh, keys, wire
+from securechat.core.invite import Event, InviteSession, PeerVerified, Role
 from securechat.errors import (
     DeliveryTimeoutError,
     InviteFailedError,
@@ -35,7 +38,6 @@ from securechat.errors import (
     RelayError,
     UsageError,
 )
-from securechat.invite import Event, InviteSession, PeerVerified, Role
 
 # Chosen: the relay keeps an invite 10 minutes (--invite-ttl); waiting longer is pointless.
 DEFAULT_TIMEOUT: Final = 600.0
@@ -84,8 +86,9 @@ def exchange(
 
 def _relay_error(frame: wire.Error) -> RelayError:
     if frame.code == wire.BAD_FRAME:  # a relay older than protocol 1.1 knows no invites
-        return RelayError(f"the relay does not support invites (an older securechat relay?): "
-                          f"{frame.reason}")
+        return RelayError(
+            f"the relay does not support invites (an older securechat relay?): {frame.reason}"
+        )
     return RelayError(f"the relay ended the invite: {frame.reason or wire.ERROR_NAMES[frame.code]}")
 
 
@@ -98,9 +101,11 @@ def _send(link: RelayLink, frames: list[wire.Frame], tap: Tap | None) -> None:
 
 def _failed_note(session: InviteSession) -> str:
     if session.role is Role.OPENER:
-        return ("the invite is used up and nothing was recorded. Run 'securechat invite' again; "
-                "if the other person did not mistype the code, someone may have tried to "
-                "intercept it")
+        return (
+            "the invite is used up and nothing was recorded. Run 'securechat invite' again; "
+            "if the other person did not mistype the code, someone may have tried to "
+            "intercept it"
+        )
     return "nothing was recorded: check the code with whoever gave it, and ask for a new one"
 
 
@@ -142,12 +147,14 @@ def record_peer(
     """
     chosen = name or peer.name
     if not chosen:
-        raise UsageError("the other side's key carries no name: ask for a new code and run "
-                         "again with --as NAME")
+        raise UsageError(
+            "the other side's key carries no name: ask for a new code and run again with --as NAME"
+        )
     peer = dataclasses.replace(peer, name=keys.check_name(chosen))
     if peer.same_keys(me):
-        raise UsageError("that was your own invite (the other side has your key); nothing "
-                         "was recorded")
+        raise UsageError(
+            "that was your own invite (the other side has your key); nothing was recorded"
+        )
     pub_path = keystore.home() / f"{peer.name}{keystore.PUBLIC_SUFFIX}"
     known = KnownPeers(store)
     recorded = next((p for p in known.identities() if p.name == peer.name), None)
@@ -164,7 +171,7 @@ def record_peer(
         with store.transaction():
             known.trust(peer)
     if on_disk is None:
-        keystore.write_new_file(pub_path, (peer.to_line() + "\n").encode(), mode=0o644)
+        files.write_new_file(pub_path, (peer.to_line() + "\n").encode(), mode=0o644)
     return Recorded(peer, pub_path, new=recorded is None)
 
 
@@ -175,6 +182,7 @@ def _public_in(path: Path) -> keys.PublicIdentity | None:
     try:
         return keystore.load_public(str(path))
     except KeyFileError as exc:
-        raise UsageError(f"{path} exists but is not a usable key ({exc}); nothing was "
-                         "recorded: ask for a new code and run again with --as ANOTHER_NAME"
-                         ) from exc
+        raise UsageError(
+            f"{path} exists but is not a usable key ({exc}); nothing was "
+            "recorded: ask for a new code and run again with --as ANOTHER_NAME"
+        ) from exc

@@ -1,8 +1,8 @@
 """One authenticated connection from a client to the relay (shell).
 
 A small pump around the sans-I/O cores: socket bytes go into
-:class:`~securechat.noise.NoiseConnection`, the plaintext it yields goes into
-:class:`~securechat.wire.FrameDecoder`, and frames to send are encoded,
+:class:`~securechat.core.noise.NoiseConnection`, the plaintext it yields goes into
+:class:`~securechat.core.wire.FrameDecoder`, and frames to send are encoded,
 coalesced and encrypted in one call. ``OSError`` becomes our transport errors
 here and nowhere else.
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final, TypeVar
 
-from securechat import encoding, noise, wire
+from securechat.core import encoding, noise, wire
 from securechat.errors import (
     ConnectionClosedError,
     CorruptKeyError,
@@ -201,8 +201,10 @@ class KnownRelays:
         if old is None:
             text = f"pinned the key of the relay at {where}: {new_fp} ({source})"
         else:
-            text = (f"the relay at {where}: pinned key {encoding.fingerprint(old)} replaced by "
-                    f"{new_fp} ({source})")
+            text = (
+                f"the relay at {where}: pinned key {encoding.fingerprint(old)} replaced by "
+                f"{new_fp} ({source})"
+            )
         if self._announce is not None:
             self._announce(text)
         return old
@@ -266,7 +268,10 @@ class RelayLink:
                 raise _key_mismatch(address, remote, expected, known, explicit=pinned_key)
 
         conn = noise.NoiseConnection(
-            initiator=True, static_private=static_private, rng=os.urandom, verify_remote=verify,
+            initiator=True,
+            static_private=static_private,
+            rng=os.urandom,
+            verify_remote=verify,
             payload=sign_public,
         )
         sock = _open_socket(address, host, port, timeout)
@@ -280,8 +285,11 @@ class RelayLink:
         sock.settimeout(None)
         remote = conn.remote_static
         if remote is not None and remote != recorded:
-            source = "from --relay-key" if pinned_key is not None else (
-                f"first use; checked on every later connection, see {known.path}")
+            source = (
+                "from --relay-key"
+                if pinned_key is not None
+                else (f"first use; checked on every later connection, see {known.path}")
+            )
             known.pin(address, remote, source=source)
         return cls(sock, conn, address)
 
@@ -332,15 +340,19 @@ def _open_socket(address: str, host: str, port: int, timeout: float) -> socket.s
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError as exc:
-        message = (f"the relay at {address} refused the connection: nothing listens on port "
-                   f"{port} there (is the relay running, and is the port right?)")
+        message = (
+            f"the relay at {address} refused the connection: nothing listens on port "
+            f"{port} there (is the relay running, and is the port right?)"
+        )
         raise _failure(RelayUnreachableError, message, brief="connection refused") from exc
     except socket.gaierror as exc:
         message = f"cannot find the relay's host {host!r}: {exc.strerror or exc}"
         raise _failure(RelayUnreachableError, message, brief="unknown host") from exc
     except TimeoutError as exc:
-        message = (f"no answer from {address} within {timeout:g}s (is the host up? a firewall "
-                   "may drop the connection)")
+        message = (
+            f"no answer from {address} within {timeout:g}s (is the host up? a firewall "
+            "may drop the connection)"
+        )
         raise _failure(RelayUnreachableError, message, brief="no answer") from exc
     except OSError as exc:
         message = f"cannot reach the relay at {address}: {exc.strerror or exc}"
@@ -358,8 +370,10 @@ def _handshake(
         while not conn.complete:
             data = sock.recv(READ_SIZE)
             if not data:
-                message = (f"{address} closed the connection during the handshake (not a "
-                           "securechat relay, or a relay at its connection limit)")
+                message = (
+                    f"{address} closed the connection during the handshake (not a "
+                    "securechat relay, or a relay at its connection limit)"
+                )
                 raise _failure(RelayUnreachableError, message, brief="closed in the handshake")
             first = first or data[:_PREVIEW]
             try:
@@ -370,9 +384,11 @@ def _handshake(
             if reply:
                 sock.sendall(reply)
     except TimeoutError as exc:
-        message = (f"{address} accepted the connection but gave no securechat handshake answer "
-                   f"within {timeout:g}s: is a securechat relay listening there (or is it "
-                   "overloaded)?")
+        message = (
+            f"{address} accepted the connection but gave no securechat handshake answer "
+            f"within {timeout:g}s: is a securechat relay listening there (or is it "
+            "overloaded)?"
+        )
         raise _failure(NotARelayError, message, brief="no securechat handshake answer") from exc
     except OSError as exc:
         message = f"the connection to {address} failed during the handshake: {exc.strerror or exc}"
@@ -384,8 +400,10 @@ def _not_a_relay(address: str, first: bytes) -> str:
     text = first.split(b"\n", 1)[0].rstrip(b"\r")
     if text and all(32 <= b < 127 for b in text):
         return f"{address} is not a securechat relay: it answered {text.decode('ascii')!r}"
-    return (f"{address} is not a securechat relay (or runs an incompatible version): its "
-            "answer is not a securechat handshake")
+    return (
+        f"{address} is not a securechat relay (or runs an incompatible version): its "
+        "answer is not a securechat handshake"
+    )
 
 
 def _key_mismatch(
@@ -394,11 +412,15 @@ def _key_mismatch(
     where = canonical_address(address)
     got, want = encoding.fingerprint(remote), encoding.fingerprint(expected)
     if explicit is not None:
-        message = (f"the relay at {where} presented key {got}, not {want} from --relay-key: "
-                   "this may be an attack (or the wrong relay.pub)")
+        message = (
+            f"the relay at {where} presented key {got}, not {want} from --relay-key: "
+            "this may be an attack (or the wrong relay.pub)"
+        )
         return _failure(RelayKeyChangedError, message, brief="WRONG RELAY KEY")
-    message = (f"the relay at {where} presented key {got} but {want} is pinned (in "
-               f"{known.path}); this may be an attack. If the relay's key really changed, get "
-               "its new relay.pub from the operator and run: securechat trust --relay "
-               f"{where} --relay-key relay.pub")
+    message = (
+        f"the relay at {where} presented key {got} but {want} is pinned (in "
+        f"{known.path}); this may be an attack. If the relay's key really changed, get "
+        "its new relay.pub from the operator and run: securechat trust --relay "
+        f"{where} --relay-key relay.pub"
+    )
     return _failure(RelayKeyChangedError, message, brief="RELAY KEY CHANGED")

@@ -43,7 +43,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
-from securechat import e2e, envelope, keys, wire, x3dh
 from securechat.client.events import (
     STATUS_ACCEPTED,
     STATUS_DELIVERED,
@@ -59,6 +58,7 @@ from securechat.client.events import (
 from securechat.client.link import KnownRelays, RelayLink
 from securechat.client.peers import Conversation, KnownPeers, direct_conv_id, group_conv_id
 from securechat.client.store import ClientStore
+from securechat.core import e2e, envelope, keys, wire, x3dh
 from securechat.errors import (
     InternalError,
     InUseError,
@@ -72,9 +72,20 @@ from securechat.errors import (
 )
 
 __all__ = [  # the event types are re-exported for the shells that import them from here
-    "STATUS_ACCEPTED", "STATUS_DELIVERED", "STATUS_PENDING", "STATUS_RECEIVED",
-    "ConnectionEvent", "Conversation", "Event", "KnownPeers", "MessageEvent", "Messenger",
-    "NoticeEvent", "PresenceEvent", "StatusEvent", "direct_conv_id",
+    "STATUS_ACCEPTED",
+    "STATUS_DELIVERED",
+    "STATUS_PENDING",
+    "STATUS_RECEIVED",
+    "ConnectionEvent",
+    "Conversation",
+    "Event",
+    "KnownPeers",
+    "MessageEvent",
+    "Messenger",
+    "NoticeEvent",
+    "PresenceEvent",
+    "StatusEvent",
+    "direct_conv_id",
 ]
 
 PREKEY_LOW_WATER: Final = 20  # replenish one-time prekeys below this many
@@ -370,8 +381,11 @@ class Messenger:
 
     def _history_record(self, conv: Conversation, content: envelope.Content) -> dict[str, Any]:
         return {
-            "sender": self.identity.name, "fp": self.identity.public.fingerprint,
-            "sent_ms": content.sent_ms, "text": content.text, "out": True,
+            "sender": self.identity.name,
+            "fp": self.identity.public.fingerprint,
+            "sent_ms": content.sent_ms,
+            "text": content.text,
+            "out": True,
             "to": [p.dh.hex() for p in conv.peers],
         }
 
@@ -387,8 +401,10 @@ class Messenger:
         msg_id, now = content.msg_id, _now_ms()
         with self._lock:
             payloads = [
-                (wire.mailbox_address(peer.dh),
-                 self._state.encrypt(peer, content, os.urandom, now, bundles.get(peer.dh)))
+                (
+                    wire.mailbox_address(peer.dh),
+                    self._state.encrypt(peer, content, os.urandom, now, bundles.get(peer.dh)),
+                )
                 for peer in conv.peers
             ]
             frame: wire.Frame
@@ -488,14 +504,20 @@ class Messenger:
     def _hold(self, conv: Conversation, content: envelope.Content, reason: str) -> None:
         """Keep the text (sealed at rest) until a bundle arrives; say why, once per conversation."""
         record = {
-            "peers": [p.to_line() for p in conv.peers], "msg_id": content.msg_id.hex(),
-            "sent_ms": content.sent_ms, "text": content.text,
+            "peers": [p.to_line() for p in conv.peers],
+            "msg_id": content.msg_id.hex(),
+            "sent_ms": content.sent_ms,
+            "text": content.text,
         }
         with self._lock, self.store.transaction():
             self.store.held_add(conv.conv_id, content.msg_id, record)
             if self._keep_history:
-                self.store.history_add(conv.conv_id, content.msg_id, STATUS_PENDING,
-                                       self._history_record(conv, content))
+                self.store.history_add(
+                    conv.conv_id,
+                    content.msg_id,
+                    STATUS_PENDING,
+                    self._history_record(conv, content),
+                )
         if conv.conv_id not in self._held_notices:
             self._held_notices.add(conv.conv_id)
             self._emit(NoticeEvent(f"waiting to send: {reason}", error=True))
@@ -539,7 +561,9 @@ class Messenger:
             if reason is not None:
                 return
             content = envelope.Content(
-                bytes.fromhex(record["msg_id"]), int(record["sent_ms"]), record["text"],
+                bytes.fromhex(record["msg_id"]),
+                int(record["sent_ms"]),
+                record["text"],
                 conv.group,
             )
             self._seal_and_queue(conv, content, bundles, from_held=True)
@@ -625,29 +649,54 @@ class Messenger:
             with self._save_state():
                 fresh = True
                 if self._keep_history:
-                    fresh = self.store.history_add(conv, content.msg_id, STATUS_RECEIVED, {
-                        "sender": name, "fp": received.sender.fingerprint,
-                        "sent_ms": content.sent_ms, "text": content.text, "out": False,
-                        "verified": verified,
-                    })
+                    fresh = self.store.history_add(
+                        conv,
+                        content.msg_id,
+                        STATUS_RECEIVED,
+                        {
+                            "sender": name,
+                            "fp": received.sender.fingerprint,
+                            "sent_ms": content.sent_ms,
+                            "text": content.text,
+                            "out": False,
+                            "verified": verified,
+                        },
+                    )
                 self.store.receipt_due(received.sender.dh, envelope.CONTENT_RECEIPT, content.msg_id)
             weak = received.fallback and self._state.has_prekeys
         if weak:
-            self._emit(NoticeEvent(
-                f"{name} started this conversation without your prekeys (the no-prekey mode: "
-                "weaker if your key is ever stolen). If they had your prekeys, the relay may be "
-                "interfering; compare safety numbers", error=True))
+            self._emit(
+                NoticeEvent(
+                    f"{name} started this conversation without your prekeys (the no-prekey "
+                    "mode: weaker if your key is ever stolen). If they had your prekeys, the "
+                    "relay may be "
+                    "interfering; compare safety numbers",
+                    error=True,
+                )
+            )
         if fresh:
             self.received_count += 1
-            self._emit(MessageEvent(conv, content.msg_id, name, received.sender.fingerprint,
-                                    verified, content.sent_ms, content.text,
-                                    content.group is not None))
+            self._emit(
+                MessageEvent(
+                    conv,
+                    content.msg_id,
+                    name,
+                    received.sender.fingerprint,
+                    verified,
+                    content.sent_ms,
+                    content.text,
+                    content.group is not None,
+                )
+            )
 
     def _rejected(self, frame: wire.Deliver, exc: SecureChatError) -> None:
         """Report a message that did not open, here and (rate-limited) to its sender."""
-        self._emit(NoticeEvent(
-            f"rejected a message claiming to be from {self._sender_label(frame)}: {exc}",
-            error=True))
+        self._emit(
+            NoticeEvent(
+                f"rejected a message claiming to be from {self._sender_label(frame)}: {exc}",
+                error=True,
+            )
+        )
         sender = self._state.peer_identity(frame.sender_key)
         if sender is None:
             return  # no session to tell them through
@@ -673,9 +722,13 @@ class Messenger:
                 continue
             entry = self.store.history_of(msg_id)
             what = f"'{entry.record['text'][:40]}'" if entry is not None else msg_id.hex()[:8]
-            self._emit(NoticeEvent(
-                f"{name}'s device could not open your message {what}; send it again if it "
-                "matters (their client may have lost its session)", error=True))
+            self._emit(
+                NoticeEvent(
+                    f"{name}'s device could not open your message {what}; send it again if it "
+                    "matters (their client may have lost its session)",
+                    error=True,
+                )
+            )
 
     def _recipients_of(self, msg_id: bytes) -> frozenset[bytes]:
         known = self._recipients.get(msg_id)
@@ -777,8 +830,9 @@ class Messenger:
             with self._lock, self.store.transaction():
                 self.store.outbox_remove(frame.msg_id)
                 self._track(self.refused, frame.msg_id, frame.reason)
-            self._emit(NoticeEvent(f"the relay refused a message as too large: {frame.reason}",
-                                   error=True))
+            self._emit(
+                NoticeEvent(f"the relay refused a message as too large: {frame.reason}", error=True)
+            )
             return
         if frame.msg_id != wire.NO_ID:
             # Quota, rate or storage trouble at the relay: keep it and try again later.
@@ -802,4 +856,3 @@ class Messenger:
                 {**e.record, "status": e.status, "msg_id": e.msg_id.hex()}
                 for e in self.store.history(conv, limit)
             ]
-

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import nacl.bindings
-
-from securechat import envelope, keys, keystore
+from securechat.client import keystore
 from securechat.client.store import ClientStore
+from securechat.core import envelope, keys
 from securechat.errors import PeerKeyChangedError, SecureChatError, UsageError
 
 DIRECT_CONV_KEY: Final = b"securechat/v1/client/direct"

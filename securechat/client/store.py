@@ -46,9 +46,8 @@ from typing import Any, Final
 
 import nacl.bindings
 import nacl.exceptions
-
+from securechat.core.keys import Identity
 from securechat.errors import StorageError, UsageError
-from securechat.keys import Identity
 
 SCHEMA_VERSION: Final = 3  # PRAGMA user_version; 0 = a new file or a schema 1 file
 E2E_CORE_KEY: Final = "e2e/core"
@@ -171,7 +170,9 @@ class ClientStore:
             raise StorageError(f"no local state for this identity yet ({path} does not exist)")
         try:
             self._db = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                check_same_thread=False,
                 isolation_level=None,
             )
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -425,8 +426,7 @@ class ClientStore:
     def held(self) -> list[dict[str, Any]]:
         rows = self._exec("SELECT msg, v FROM held ORDER BY seq").fetchall()
         return [
-            json.loads(self._open(self._keys.history, f"held/{bytes(k).hex()}", v))
-            for k, v in rows
+            json.loads(self._open(self._keys.history, f"held/{bytes(k).hex()}", v)) for k, v in rows
         ]
 
     def held_remove(self, msg_id: bytes) -> None:
@@ -478,7 +478,8 @@ class ClientStore:
         conv_key, msg_key = self._conv_key(conv), self._msg_key(msg_id)
         record = {**record, "conv": conv, "msg_id": msg_id.hex()}
         sealed = self._seal(
-            self._keys.history, f"history/{conv_key.hex()}/{msg_key.hex()}",
+            self._keys.history,
+            f"history/{conv_key.hex()}/{msg_key.hex()}",
             json.dumps(record).encode(),
         )
         cur = self._exec(

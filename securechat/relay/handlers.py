@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from securechat import wire
+from securechat.core import wire
 from securechat.relay import guard, rendezvous
 from securechat.relay import store as st
 from securechat.relay.limits import (
@@ -232,9 +232,7 @@ def on_fetch_prekeys(w: Worker, conn: Conn, f: wire.FetchPrekeys) -> Wait:
     target = f.identity_key
     # Beyond the target's hand-out budget the bundle goes without a one-time prekey
     # (never "no bundle": a client reads that as "this peer has published none").
-    one_time = w.ctx.store.prekey_count(target) > 0 and budgets.take_one_time_prekey(
-        target, w.now
-    )
+    one_time = w.ctx.store.prekey_count(target) > 0 and budgets.take_one_time_prekey(target, w.now)
 
     def op(store: st.MailboxStore, now: int) -> tuple[bytes, bytes | None, int]:
         return store.take_prekeys(target, one_time=one_time)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from securechat import dh
-from securechat.encoding import decode_token, encode_token
+from securechat.core import dh
+from securechat.core.encoding import decode_token, encode_token
 from securechat.errors import CorruptKeyError, KeyPermissionError, StorageError
 
 KEY_FILE: Final = "relay.key"

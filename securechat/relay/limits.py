@@ -2,7 +2,7 @@
 
 Every limit is a ``Final`` default here and a field of :class:`RelayConfig`,
 so the command line, the tests and the benchmark can tighten or loosen them
-in one place. Sizes fixed by the protocol live in :mod:`securechat.wire`.
+in one place. Sizes fixed by the protocol live in :mod:`securechat.core.wire`.
 """
 
 from __future__ import annotations
@@ -220,9 +220,7 @@ class TokenBucket:
 
     __slots__ = ("_last", "_rate", "_size", "_tokens")
 
-    def __init__(
-        self, rate: float, burst: float, now: float, initial: float | None = None
-    ) -> None:
+    def __init__(self, rate: float, burst: float, now: float, initial: float | None = None) -> None:
         self._rate = rate
         self._size = burst
         self._tokens = burst if initial is None else min(initial, burst)

@@ -35,7 +35,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeAlias, TypeVar
 
-from securechat import wire
+from securechat.core import wire
 from securechat.relay import guard
 from securechat.relay.limits import INVITE_MESSAGES_PER_PARTY, RelayConfig
 

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
-from securechat import wire
+from securechat.core import wire
 from securechat.relay import store as st
 from securechat.relay.limits import RECENTLY_ACKED
 
@@ -51,11 +51,10 @@ REFUSALS: Final[dict[int, tuple[int, str]]] = {
         "the recipient has never connected to this relay and its mailbox holds little",
     ),
     REFUSED_SENDER_QUOTA: (
-        wire.QUOTA_EXCEEDED, "you have stored your share of this relay (waiting for recipients)"
+        wire.QUOTA_EXCEEDED,
+        "you have stored your share of this relay (waiting for recipients)",
     ),
-    REFUSED_PREFIX_QUOTA: (
-        wire.QUOTA_EXCEEDED, "your network has stored its share of this relay"
-    ),
+    REFUSED_PREFIX_QUOTA: (wire.QUOTA_EXCEEDED, "your network has stored its share of this relay"),
     REFUSED_STORE_FAILED: (wire.STORE_FAILED, "relay store failed"),
     REFUSED_STORE_FULL: (wire.STORE_FAILED, "relay storage is full; retry later"),
 }

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Final
 
-from securechat import dh
-from securechat.encoding import fingerprint
+from securechat.core import dh
+from securechat.core.encoding import fingerprint
 from securechat.errors import InUseError, StorageError, TransportError, UsageError
 from securechat.relay import keyfile, limits
 from securechat.relay import store as st
@@ -153,8 +153,11 @@ class Relay:
             reasons = ", ".join(f"{n} over the {why}" for why, n in sorted(refused.items()))
             log.warning(
                 "in the last %.0f s: refused %d new connections (%s); closed %d unfinished"
-                " handshakes to make room", REPORT_INTERVAL_S, sum(refused.values()),
-                reasons or "none", evicted,
+                " handshakes to make room",
+                REPORT_INTERVAL_S,
+                sum(refused.values()),
+                reasons or "none",
+                evicted,
             )
 
     def _new_rows(self, mailboxes: set[bytes]) -> None:
@@ -175,11 +178,19 @@ _LIMIT_FLAGS: Final[tuple[tuple[str, str, type, str], ...]] = (
     ("--max-connections", "max_connections", int, "global connection cap"),
     ("--max-per-ip", "max_per_ip", int, "connections per client address"),
     ("--max-per-prefix", "max_per_prefix", int, "connections per /24 (IPv4) or /64 (IPv6)"),
-    ("--max-handshakes", "max_handshakes", int,
-     "unfinished handshakes in all (beyond: the oldest of the prefix holding the most"
-     " is closed)"),
-    ("--max-handshakes-per-prefix", "max_handshakes_per_prefix", int,
-     "unfinished handshakes per prefix"),
+    (
+        "--max-handshakes",
+        "max_handshakes",
+        int,
+        "unfinished handshakes in all (beyond: the oldest of the prefix holding the most"
+        " is closed)",
+    ),
+    (
+        "--max-handshakes-per-prefix",
+        "max_handshakes_per_prefix",
+        int,
+        "unfinished handshakes per prefix",
+    ),
     ("--accept-rate", "accept_rate", float, "new connections per second per prefix"),
     ("--accept-burst", "accept_burst", float, "new connection burst per prefix"),
     ("--handshake-timeout", "handshake_timeout", float, "seconds to finish the handshake"),
@@ -188,46 +199,89 @@ _LIMIT_FLAGS: Final[tuple[tuple[str, str, type, str], ...]] = (
     ("--burst-frames", "burst_frames", float, "frame cost burst per connection"),
     ("--rate-bytes", "rate_bytes", float, "bytes per second per connection"),
     ("--burst-bytes", "burst_bytes", float, "byte burst per connection"),
-    ("--partial-bytes", "partial_bytes", int,
-     "bytes of unfinished records and frames, all connections (the oldest are closed)"),
-    ("--partial-bytes-per-prefix", "partial_bytes_per_prefix", int,
-     "bytes of unfinished records and frames per prefix"),
+    (
+        "--partial-bytes",
+        "partial_bytes",
+        int,
+        "bytes of unfinished records and frames, all connections (the oldest are closed)",
+    ),
+    (
+        "--partial-bytes-per-prefix",
+        "partial_bytes_per_prefix",
+        int,
+        "bytes of unfinished records and frames per prefix",
+    ),
     ("--frame-timeout", "frame_timeout", float, "seconds to finish a frame once started"),
     ("--fetch-rate", "fetch_rate", float, "FetchPrekeys per second per identity"),
     ("--fetch-burst", "fetch_burst", float, "FetchPrekeys burst per identity"),
-    ("--subscribe-rate", "subscribe_rate", float,
-     "PresenceSubscribe cost per second per identity (1 + keys/16 each)"),
+    (
+        "--subscribe-rate",
+        "subscribe_rate",
+        float,
+        "PresenceSubscribe cost per second per identity (1 + keys/16 each)",
+    ),
     ("--subscribe-burst", "subscribe_burst", float, "PresenceSubscribe cost burst per identity"),
     ("--publish-rate", "publish_rate", float, "PublishPrekeys per second per identity"),
     ("--publish-burst", "publish_burst", float, "PublishPrekeys burst per identity"),
-    ("--prefix-factor", "prefix_factor", float,
-     "a prefix's fetch/subscribe/publish/invite-join budget, as a multiple of an identity's"),
-    ("--otk-per-hour", "otk_per_hour", float,
-     "one-time prekeys handed out per hour per target identity"),
+    (
+        "--prefix-factor",
+        "prefix_factor",
+        float,
+        "a prefix's fetch/subscribe/publish/invite-join budget, as a multiple of an identity's",
+    ),
+    (
+        "--otk-per-hour",
+        "otk_per_hour",
+        float,
+        "one-time prekeys handed out per hour per target identity",
+    ),
     ("--otk-burst", "otk_burst", float, "one-time prekey hand-out burst per target identity"),
     ("--ack-timeout", "ack_timeout", float, "seconds before an unacknowledged live copy is stored"),
     ("--quota-frames", "quota_frames", int, "stored frames per mailbox"),
     ("--quota-bytes", "quota_bytes", int, "stored bytes per mailbox"),
     ("--sender-quota-bytes", "sender_quota_bytes", int, "stored bytes per sender identity"),
     ("--prefix-quota-bytes", "prefix_quota_bytes", int, "stored bytes per sender prefix"),
-    ("--unknown-quota-frames", "unknown_quota_frames", int,
-     "stored frames per mailbox whose identity never connected"),
-    ("--unknown-quota-bytes", "unknown_quota_bytes", int,
-     "stored bytes per mailbox whose identity never connected"),
-    ("--unknown-ttl", "unknown_ttl", float,
-     "seconds a frame for a never-connected identity is kept"),
+    (
+        "--unknown-quota-frames",
+        "unknown_quota_frames",
+        int,
+        "stored frames per mailbox whose identity never connected",
+    ),
+    (
+        "--unknown-quota-bytes",
+        "unknown_quota_bytes",
+        int,
+        "stored bytes per mailbox whose identity never connected",
+    ),
+    (
+        "--unknown-ttl",
+        "unknown_ttl",
+        float,
+        "seconds a frame for a never-connected identity is kept",
+    ),
     ("--ttl", "ttl", float, "seconds a stored frame is kept"),
     ("--purge-interval", "purge_interval", float, "seconds between purges of expired frames"),
-    ("--store-max-bytes", "store_max_bytes", int,
-     "cap on the store (new frames refused at 75%%; 0 = no cap)"),
+    (
+        "--store-max-bytes",
+        "store_max_bytes",
+        int,
+        "cap on the store (new frames refused at 75%%; 0 = no cap)",
+    ),
     ("--invite-ttl", "invite_ttl", float, "seconds an invite (securechat invite) stays open"),
     ("--invite-max-open", "invite_max_open", int, "open invites in all"),
-    ("--invite-max-open-per-prefix", "invite_max_open_per_prefix", int,
-     "open invites per prefix"),
-    ("--invite-max-open-per-identity", "invite_max_open_per_identity", int,
-     "open invites per identity"),
-    ("--invite-join-rate", "invite_join_rate", float,
-     "invite joins (guesses at a nameplate) per second per identity (prefix: x prefix-factor)"),
+    ("--invite-max-open-per-prefix", "invite_max_open_per_prefix", int, "open invites per prefix"),
+    (
+        "--invite-max-open-per-identity",
+        "invite_max_open_per_identity",
+        int,
+        "open invites per identity",
+    ),
+    (
+        "--invite-join-rate",
+        "invite_join_rate",
+        float,
+        "invite joins (guesses at a nameplate) per second per identity (prefix: x prefix-factor)",
+    ),
     ("--invite-join-burst", "invite_join_burst", float, "invite join burst per identity"),
 )
 _NON_NEGATIVE: Final = frozenset({"store_max_bytes"})
@@ -237,15 +291,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``securechat relay``; pair with :func:`run_relay`. Every default shows."""
     d = RelayConfig()
     a = parser.add_argument
-    a("--host", default=d.host,
-      help="address to listen on; 0.0.0.0 for remote users (default %(default)s)")
+    a(
+        "--host",
+        default=d.host,
+        help="address to listen on; 0.0.0.0 for remote users (default %(default)s)",
+    )
     a("--port", type=int, default=d.port, help="TCP port, 0 = any free port (default %(default)s)")
-    a("--data", default=str(d.data_dir),
-      help="folder for the key and the store (default %(default)s)")
+    a(
+        "--data",
+        default=str(d.data_dir),
+        help="folder for the key and the store (default %(default)s)",
+    )
     for flag, field, kind, text in _LIMIT_FLAGS:
         a(flag, type=kind, default=getattr(d, field), help=f"{text} (default %(default)s)")
-    a("--sync", choices=("full", "normal"), default="full",
-      help="SQLite synchronous mode (default %(default)s)")
+    a(
+        "--sync",
+        choices=("full", "normal"),
+        default="full",
+        help="SQLite synchronous mode (default %(default)s)",
+    )
     a("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
 
 

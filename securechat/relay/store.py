@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from securechat import wire
+from securechat.core import wire
 from securechat.errors import StorageError
 from securechat.relay.limits import (
     KNOWN_MAILBOX_CACHE,
@@ -352,8 +352,7 @@ class MailboxStore:
         )
         self.origin_usage = dict(
             self.db.execute(
-                "SELECT origin, sum(length(payload)) FROM frames WHERE origin != 0"
-                " GROUP BY origin"
+                "SELECT origin, sum(length(payload)) FROM frames WHERE origin != 0 GROUP BY origin"
             )
         )
         frames = sum(n for n, _ in self.usage.values())
@@ -440,7 +439,8 @@ class MailboxStore:
                     "store cap reached: %d MiB stored, %d%% of --store-max-bytes %d MiB; new"
                     " frames are refused (senders keep them and retry) until acknowledgements"
                     " or expiry free space; raise --store-max-bytes if the disk allows",
-                    self.total_cost >> 20, int(STORE_FILL_RATIO * 100),
+                    self.total_cost >> 20,
+                    int(STORE_FILL_RATIO * 100),
                     self._config.store_max_bytes >> 20,
                 )
             return DUPLICATE if self._exists(mailbox, sender, msg_id) else STORE_FULL
@@ -477,7 +477,11 @@ class MailboxStore:
         return INSERTED
 
     def _over_quota(
-        self, mailbox: bytes, sender_id: int | None, origin_id: int | None, size: int,
+        self,
+        mailbox: bytes,
+        sender_id: int | None,
+        origin_id: int | None,
+        size: int,
         known: bool,
     ) -> int:
         """The quota a new copy would break (0: none), the recipient's first."""

@@ -46,10 +46,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from securechat import wire
-from securechat.encoding import fingerprint
+from securechat.core import wire
+from securechat.core.encoding import fingerprint
+from securechat.core.noise import HandshakeComplete, NoiseConnection
 from securechat.errors import FrameError, FrameTooLargeError, ProtocolError, SecureChatError
-from securechat.noise import HandshakeComplete, NoiseConnection
 from securechat.relay import handlers, rendezvous
 from securechat.relay import store as st
 from securechat.relay.guard import Admission, Budgets, PartialBytes, prefix_of
@@ -172,7 +172,11 @@ class Conn:
     )  # fmt: skip
 
     def __init__(
-        self, worker: Worker, sock: socket.socket, addr: tuple[str, int], now: float,
+        self,
+        worker: Worker,
+        sock: socket.socket,
+        addr: tuple[str, int],
+        now: float,
         prefix: str,
     ) -> None:
         cfg = worker.ctx.config
@@ -651,8 +655,9 @@ class Worker:
         mailbox = conn.mailbox
         if not store.is_known(mailbox):  # its identity's first connection (since a restart)
             if store.may_hold(mailbox):  # frames wait with a short life: extend them now
-                store.put(st.Request(op=lambda db, now: db.mark_known(mailbox), poster=None,
-                                     fn=None))
+                store.put(
+                    st.Request(op=lambda db, now: db.mark_known(mailbox), poster=None, fn=None)
+                )
             else:  # recorded within a second, in one batch with others: not a write each
                 store.note_known(mailbox)
         conn.fetching = True
@@ -902,7 +907,12 @@ class Worker:
 
         def op(store: st.MailboxStore, now: int) -> int:
             return store.insert(
-                copy.mailbox, copy.sender, copy.msg_id, copy.ts, copy.payload, force=force,
+                copy.mailbox,
+                copy.sender,
+                copy.msg_id,
+                copy.ts,
+                copy.payload,
+                force=force,
                 origin=origin,
             )
 

@@ -102,8 +102,10 @@ def screen_lines(text: str) -> list[str]:
     lines = ["".join(ch for ch in line if ord(ch) not in _JOINERS) for line in text_lines(text)]
     if len(lines) > MAX_MESSAGE_ROWS:
         hidden = len(lines) - MAX_MESSAGE_ROWS + 1
-        lines = [*lines[: MAX_MESSAGE_ROWS - 1], f"[{hidden} more lines: see /history or "
-                 "'securechat history']"]
+        lines = [
+            *lines[: MAX_MESSAGE_ROWS - 1],
+            f"[{hidden} more lines: see /history or 'securechat history']",
+        ]
     return lines
 
 
@@ -137,12 +139,14 @@ def iso_time(sent_ms: int) -> str:
 def history_text(record: dict[str, object]) -> str:
     """One history record for people: ``[date time] NAME: text`` (lines aligned), with marks."""
     stamp = datetime.fromtimestamp(int(str(record.get("sent_ms", 0))) / 1000).strftime(
-        "%Y-%m-%d %H:%M")
+        "%Y-%m-%d %H:%M"
+    )
     if record.get("out"):
         sender = safe(str(record.get("sender", "")))
     else:
-        sender = sender_label(str(record.get("sender", "")), str(record.get("fp", "")),
-                              bool(record.get("verified")))
+        sender = sender_label(
+            str(record.get("sender", "")), str(record.get("fp", "")), bool(record.get("verified"))
+        )
     prefix = f"[{stamp}] {sender}: "
     text = indent_continuation(text_lines(str(record.get("text", ""))), len(prefix))
     status = int(str(record.get("status", STATUS_RECEIVED)))

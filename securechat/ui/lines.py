@@ -19,24 +19,26 @@ from prompt_toolkit.utils import get_cwidth
 from securechat.client.messenger import STATUS_ACCEPTED, STATUS_PENDING
 from securechat.ui import format as fmt
 
-STYLE: Final = Style.from_dict({
-    "time": "#888888",
-    "own": "bold #5fafff",
-    "peer": "bold #87d75f",
-    "unverified": "bold #ffaf00",
-    "mark": "#888888",
-    "mark.delivered": "#5fafff",
-    "refused": "bold #ff5f5f",
-    "info": "#aaaaaa",
-    "notice": "italic #aaaaaa",
-    "error": "bold #ff5f5f",
-    "warn": "bold reverse #ff5f5f",
-    "other": "#af87ff",
-    "status": "reverse",
-    "status.online": "reverse bold #87d75f",
-    "status.offline": "reverse bold #ff5f5f",
-    "prompt": "bold",
-})
+STYLE: Final = Style.from_dict(
+    {
+        "time": "#888888",
+        "own": "bold #5fafff",
+        "peer": "bold #87d75f",
+        "unverified": "bold #ffaf00",
+        "mark": "#888888",
+        "mark.delivered": "#5fafff",
+        "refused": "bold #ff5f5f",
+        "info": "#aaaaaa",
+        "notice": "italic #aaaaaa",
+        "error": "bold #ff5f5f",
+        "warn": "bold reverse #ff5f5f",
+        "other": "#af87ff",
+        "status": "reverse",
+        "status.online": "reverse bold #87d75f",
+        "status.offline": "reverse bold #ff5f5f",
+        "prompt": "bold",
+    }
+)
 
 
 @dataclass(slots=True)

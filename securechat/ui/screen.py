@@ -41,8 +41,7 @@ from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.layout.dimension import Dimension
 from prompt_toolkit.widgets import TextArea
 
-from securechat import envelope, keys, keystore
-from securechat.client import app
+from securechat.client import app, keystore
 from securechat.client.messenger import (
     STATUS_PENDING,
     ConnectionEvent,
@@ -54,6 +53,7 @@ from securechat.client.messenger import (
     PresenceEvent,
     StatusEvent,
 )
+from securechat.core import envelope, keys
 from securechat.errors import SecureChatError
 from securechat.ui import format as fmt
 from securechat.ui import status as status_line
@@ -106,14 +106,20 @@ class ChatScreen:
         self._conv: Conversation | None = None
         self._reasons: set[str] = set()  # connection failures already told in full
         self.input = TextArea(
-            prompt=[("class:prompt", "> ")], multiline=True, wrap_lines=True,
-            height=Dimension(min=1, max=MAX_INPUT_ROWS), dont_extend_height=True,
+            prompt=[("class:prompt", "> ")],
+            multiline=True,
+            wrap_lines=True,
+            height=Dimension(min=1, max=MAX_INPUT_ROWS),
+            dont_extend_height=True,
             get_line_prefix=lambda line, wrap: "  " if line or wrap else "",
             accept_handler=self._accept,
         )
         self.application: Application[int] = Application(
-            layout=self._layout(), key_bindings=self._bindings(), style=STYLE,
-            full_screen=True, mouse_support=False,
+            layout=self._layout(),
+            key_bindings=self._bindings(),
+            style=STYLE,
+            full_screen=True,
+            mouse_support=False,
         )
 
     # --- from other threads ---------------------------------------------------------------
@@ -139,8 +145,13 @@ class ChatScreen:
         for warning in self._blocked.values():
             self._add(Line("warn", warning))
         if self._blocked:
-            self._add(Line("warn", "Messages will NOT be sent until you accept the new key "
-                                    "with /trust NAME (or 'securechat trust NAME')."))
+            self._add(
+                Line(
+                    "warn",
+                    "Messages will NOT be sent until you accept the new key "
+                    "with /trust NAME (or 'securechat trust NAME').",
+                )
+            )
         self._show_history(fmt.STARTUP_HISTORY, header="recent history")
 
     def run(self) -> int:
@@ -182,8 +193,14 @@ class ChatScreen:
             self._add(Line("error", f"not sent: {event.reason}"))
         elif isinstance(event, ConnectionEvent):
             if event.connected != self._connected:
-                self._add(Line("notice", "connected to the relay" if event.connected
-                                else "relay connection lost; messages wait in the outbox"))
+                self._add(
+                    Line(
+                        "notice",
+                        "connected to the relay"
+                        if event.connected
+                        else "relay connection lost; messages wait in the outbox",
+                    )
+                )
             self._connected = event.connected
             self._conn_detail = event.detail
             if not event.connected:
@@ -194,8 +211,11 @@ class ChatScreen:
             before = self._online.get(event.name)
             if before != event.online:
                 # The first report is a state, later ones are joins and leaves.
-                state = "is online" if event.online else (
-                    "is offline" if before is None else "went offline")
+                state = (
+                    "is online"
+                    if event.online
+                    else ("is offline" if before is None else "went offline")
+                )
                 self._add(Line("notice", f"{fmt.safe(event.name)} {state}"))
             self._online[event.name] = event.online
 
@@ -219,8 +239,16 @@ class ChatScreen:
     def _on_message(self, event: MessageEvent) -> None:
         label = fmt.sender_label(event.sender_name, event.sender_fingerprint, event.verified)
         other = self._conv is not None and event.conv != self._conv.conv_id
-        self._add(Line("msg", message_text(event.text), fmt.clock(event.sent_ms), label,
-                        "peer" if event.verified else "unverified", other_conv=other))
+        self._add(
+            Line(
+                "msg",
+                message_text(event.text),
+                fmt.clock(event.sent_ms),
+                label,
+                "peer" if event.verified else "unverified",
+                other_conv=other,
+            )
+        )
 
     def _set_status(self, msg_id: bytes, status: int) -> None:
         line = self._by_id.get(msg_id)
@@ -249,9 +277,14 @@ class ChatScreen:
         text = fmt.unescape_message(buffer.text)
         size = len(text.encode())
         if size > envelope.MAX_TEXT_BYTES:
-            self._add(Line("error", f"not sent: {size} bytes is more than the "
-                                    f"{envelope.MAX_TEXT_BYTES} a message may hold; the text "
-                                    "is still in the input line to shorten or split"))
+            self._add(
+                Line(
+                    "error",
+                    f"not sent: {size} bytes is more than the "
+                    f"{envelope.MAX_TEXT_BYTES} a message may hold; the text "
+                    "is still in the input line to shorten or split",
+                )
+            )
             return True
         if text:
             self._send(text)
@@ -261,8 +294,14 @@ class ChatScreen:
         messenger, conv = self._messenger, self._conv
         assert messenger is not None and conv is not None
         me = messenger.identity.public.name
-        line = Line("msg", message_text(text), time.strftime("%H:%M"), fmt.safe(me), "own",
-                     status=STATUS_PENDING)
+        line = Line(
+            "msg",
+            message_text(text),
+            time.strftime("%H:%M"),
+            fmt.safe(me),
+            "own",
+            status=STATUS_PENDING,
+        )
         self._add(line)
         if self._blocked:
             line.refused = True
@@ -300,10 +339,13 @@ class ChatScreen:
         elif command.name == "verify":
             me = messenger.identity.public
             for peer in conv.peers:
-                self._info(f"safety number with {fmt.safe(peer.name)}: "
-                           f"{keys.safety_number(me, peer)}")
-            self._info("compare it with each peer in person or by phone; equal numbers mean "
-                       "no one is in the middle")
+                self._info(
+                    f"safety number with {fmt.safe(peer.name)}: {keys.safety_number(me, peer)}"
+                )
+            self._info(
+                "compare it with each peer in person or by phone; equal numbers mean "
+                "no one is in the middle"
+            )
         elif command.name == "history":
             try:
                 count = fmt.history_count(command.arg)
@@ -314,8 +356,13 @@ class ChatScreen:
         elif command.name == "trust":
             self._trust(messenger, command.arg)
         else:
-            self._add(Line("error", f"unknown command /{fmt.safe(command.arg)}: /help lists "
-                                     "the commands (start a message with // to send a '/')"))
+            self._add(
+                Line(
+                    "error",
+                    f"unknown command /{fmt.safe(command.arg)}: /help lists "
+                    "the commands (start a message with // to send a '/')",
+                )
+            )
 
     def _show_peers(self, messenger: Messenger, conv: Conversation) -> None:
         for peer in conv.peers:
@@ -353,12 +400,14 @@ class ChatScreen:
 
     def _layout(self) -> Layout:
         messages = Window(
-            FormattedTextControl(self._message_fragments, focusable=False,
-                                 get_cursor_position=self._last_line),
+            FormattedTextControl(
+                self._message_fragments, focusable=False, get_cursor_position=self._last_line
+            ),
             wrap_lines=True,
         )
-        status = Window(FormattedTextControl(self._status_fragments), height=1,
-                        style="class:status")
+        status = Window(
+            FormattedTextControl(self._status_fragments), height=1, style="class:status"
+        )
         return Layout(HSplit([messages, status, self.input]), focused_element=self.input)
 
     def _last_line(self) -> Point:
@@ -380,11 +429,14 @@ class ChatScreen:
     def _status_fragments(self) -> StyleAndTextTuples:
         messenger = self._messenger
         state = status_line.Status(
-            connected=self._connected, relay=self._relay, detail=self._conn_detail,
+            connected=self._connected,
+            relay=self._relay,
+            detail=self._conn_detail,
             failure=self._failure_error(),
             retrying=messenger is None or messenger.fatal is None,
             members=fmt.members_text([p.name for p in self._peers], self._online),
-            pending=self._pending, blocked=bool(self._blocked),
+            pending=self._pending,
+            blocked=bool(self._blocked),
         )
         return status_line.fragments(state, self._columns())
 
@@ -423,8 +475,12 @@ def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIden
     """Open the client, run the screen until the user leaves, report what is still queued."""
     screen = ChatScreen(peers, relay)
     with app.open_client(
-        args.key, relay, args.relay_key, screen.post,
-        keep_history=not args.no_history, watch=peers,
+        args.key,
+        relay,
+        args.relay_key,
+        screen.post,
+        keep_history=not args.no_history,
+        watch=peers,
     ) as client:
         conv = client.conversation(peers)
         screen.attach(client.messenger, conv)
@@ -436,8 +492,8 @@ def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIden
         print(text)
     if pending:
         what = "1 message" if pending == 1 else f"{pending} messages"
-        print(f"{what} not yet accepted by the relay: queued in the outbox, the next talk, send "
-              "or receive sends them (do not send them again)")
+        print(
+            f"{what} not yet accepted by the relay: queued in the outbox, the next talk, send "
+            "or receive sends them (do not send them again)"
+        )
     return code
-
-

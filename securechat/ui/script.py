@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from securechat import envelope, keystore
-from securechat.client import app
+from securechat.client import app, keystore
 from securechat.client.app import default_relay, load_peers, open_client, open_store
 from securechat.client.link import DEFAULT_PORT, canonical_address, read_relay_key_file
 from securechat.client.messenger import (
@@ -26,7 +25,8 @@ from securechat.client.messenger import (
     Messenger,
     NoticeEvent,
 )
-from securechat.encoding import fingerprint
+from securechat.core import envelope
+from securechat.core.encoding import fingerprint
 from securechat.errors import DeliveryTimeoutError, RelayError, UsageError
 from securechat.ui import format as fmt
 from securechat.ui.format import json_line, pipe_line
@@ -56,15 +56,26 @@ class _Printer:
 
 def add_client_arguments(p: argparse.ArgumentParser, *, peers: bool) -> None:
     if peers:
-        p.add_argument("--peer", action="append", required=True, metavar="NAME|FILE",
-                       help="recipient (repeat for a group)")
+        p.add_argument(
+            "--peer",
+            action="append",
+            required=True,
+            metavar="NAME|FILE",
+            help="recipient (repeat for a group)",
+        )
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
-    p.add_argument("--relay", metavar="HOST[:PORT]",
-                   help=f"relay address, port {DEFAULT_PORT} if none (default: "
-                   f"$SECURECHAT_RELAY or {default_relay()})")
-    p.add_argument("--relay-key", metavar="FILE",
-                   help="the relay's relay.pub: pins its key in known_relays (replacing an "
-                   "older pin once the relay proves it holds this key)")
+    p.add_argument(
+        "--relay",
+        metavar="HOST[:PORT]",
+        help=f"relay address, port {DEFAULT_PORT} if none (default: "
+        f"$SECURECHAT_RELAY or {default_relay()})",
+    )
+    p.add_argument(
+        "--relay-key",
+        metavar="FILE",
+        help="the relay's relay.pub: pins its key in known_relays (replacing an "
+        "older pin once the relay proves it holds this key)",
+    )
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -106,8 +117,9 @@ def _texts_to_send(args: argparse.Namespace) -> list[str]:
         size = len(text.encode())
         if size > envelope.MAX_TEXT_BYTES:
             which = "the message" if args.message is not None else f"input line {number}"
-            raise UsageError(f"{which} is {size} bytes, more than {envelope.MAX_TEXT_BYTES}; "
-                             "nothing was sent")
+            raise UsageError(
+                f"{which} is {size} bytes, more than {envelope.MAX_TEXT_BYTES}; nothing was sent"
+            )
     return texts
 
 
@@ -115,19 +127,24 @@ def _earlier(messenger: Messenger) -> str:
     pending = messenger.pending()
     if not pending:
         return ""
-    return (f" ({pending} message{'s' if pending != 1 else ''} from earlier runs still wait "
-            "in the outbox)")
+    return (
+        f" ({pending} message{'s' if pending != 1 else ''} from earlier runs still wait "
+        "in the outbox)"
+    )
 
 
 def _raise_not_accepted(messenger: Messenger, timeout: float) -> None:
     pending = messenger.pending()
-    queued = (f"{pending} message{'s' if pending != 1 else ''} queued in the outbox: the next "
-              "send, receive or talk sends them, so do not send them again")
+    queued = (
+        f"{pending} message{'s' if pending != 1 else ''} queued in the outbox: the next "
+        "send, receive or talk sends them, so do not send them again"
+    )
     if messenger.fatal is not None:
         raise app.with_note(messenger.fatal, queued)
     state = "is unreachable" if not messenger.connected else "did not accept them"
-    raise DeliveryTimeoutError(f"the relay at {messenger.relay_address} {state} within "
-                               f"{timeout:g}s; {queued}")
+    raise DeliveryTimeoutError(
+        f"the relay at {messenger.relay_address} {state} within {timeout:g}s; {queued}"
+    )
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
@@ -175,8 +192,9 @@ def cmd_trust(args: argparse.Namespace) -> int:
             raise UsageError("trust either a PEER or a relay (--relay with --relay-key), not both")
         return _trust_relay(args)
     if args.peer is None:
-        raise UsageError("name the PEER whose key to trust, or a relay with --relay and "
-                         "--relay-key")
+        raise UsageError(
+            "name the PEER whose key to trust, or a relay with --relay and --relay-key"
+        )
     identity = keystore.load_identity(args.key)
     peer = keystore.load_public(args.peer, peer=True)
     store = open_store(identity)
@@ -193,8 +211,10 @@ def cmd_trust(args: argparse.Namespace) -> int:
 def _trust_relay(args: argparse.Namespace) -> int:
     """Pin a relay's (new) key from its relay.pub: the way back after a legitimate change."""
     if args.relay is None or args.relay_key is None:
-        raise UsageError("to pin a relay's key give both --relay HOST:PORT and --relay-key "
-                         "relay.pub (the file the relay's operator hands out)")
+        raise UsageError(
+            "to pin a relay's key give both --relay HOST:PORT and --relay-key "
+            "relay.pub (the file the relay's operator hands out)"
+        )
     address = app.relay_address(args.relay)
     key = read_relay_key_file(Path(args.relay_key))
     known = app.known_relays()
@@ -207,52 +227,78 @@ def _trust_relay(args: argparse.Namespace) -> int:
     if old is None:
         print(f"pinned the relay at {where}: {fingerprint(key)}")
     else:
-        print(f"the relay at {where}: replaced the pinned key {fingerprint(old)} with "
-              f"{fingerprint(key)}")
+        print(
+            f"the relay at {where}: replaced the pinned key {fingerprint(old)} with "
+            f"{fingerprint(key)}"
+        )
     return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("send", help="send messages and exit once the relay accepted them",
-                       description="Send -m TEXT, or one message per stdin line, to --peer "
-                       "(several --peer: a group). Exits 0 only after the relay durably accepted "
-                       "every message. If the relay cannot be reached, nothing is queued (exit "
-                       "7: run it again later); if it was reached but did not accept in time, "
-                       "the messages are queued and the next send, receive or talk sends them "
-                       "(exit 10: do not send them again).")
+    p = sub.add_parser(
+        "send",
+        help="send messages and exit once the relay accepted them",
+        description="Send -m TEXT, or one message per stdin line, to --peer "
+        "(several --peer: a group). Exits 0 only after the relay durably accepted "
+        "every message. If the relay cannot be reached, nothing is queued (exit "
+        "7: run it again later); if it was reached but did not accept in time, "
+        "the messages are queued and the next send, receive or talk sends them "
+        "(exit 10: do not send them again).",
+    )
     add_client_arguments(p, peers=True)
     p.add_argument("-m", "--message", metavar="TEXT", help="the message (default: stdin lines)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_ACK_TIMEOUT, metavar="SECONDS",
-                   help="how long to wait for the relay's acceptance (default 30)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_ACK_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the relay's acceptance (default 30)",
+    )
     p.set_defaults(handler=cmd_send)
 
-    p = sub.add_parser("receive", help="print waiting and new messages, then exit",
-                       description="Connect, print every waiting message and new ones as "
-                       "'NAME: text' (or JSON lines), acknowledge them, and exit after SECONDS "
-                       "without a new message.")
+    p = sub.add_parser(
+        "receive",
+        help="print waiting and new messages, then exit",
+        description="Connect, print every waiting message and new ones as "
+        "'NAME: text' (or JSON lines), acknowledge them, and exit after SECONDS "
+        "without a new message.",
+    )
     add_client_arguments(p, peers=False)
-    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
-                   help="exit after this long without a new message (default 2)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="exit after this long without a new message (default 2)",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of 'NAME: text'")
     p.set_defaults(handler=cmd_receive)
 
-    p = sub.add_parser("history", help="print the local history of a conversation",
-                       description="Print the locally stored (encrypted at rest) history of the "
-                       "conversation with --peer (several: the group).")
+    p = sub.add_parser(
+        "history",
+        help="print the local history of a conversation",
+        description="Print the locally stored (encrypted at rest) history of the "
+        "conversation with --peer (several: the group).",
+    )
     p.add_argument("--peer", action="append", required=True, metavar="NAME|FILE")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
     p.add_argument("-n", type=int, default=50, metavar="N", help="last N messages (default 50)")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per message (sender, fingerprint, id, time, text, "
-                   "outgoing, status)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per message (sender, fingerprint, id, time, text, outgoing, status)",
+    )
     p.set_defaults(handler=cmd_history)
 
-    p = sub.add_parser("trust", help="accept a peer's (changed) key, or pin a relay's key",
-                       description="Record PEER's current key as trusted, replacing a different "
-                       "one recorded earlier (verify the safety number out of band first). Or, "
-                       "with --relay HOST:PORT --relay-key relay.pub, pin that relay's key in "
-                       "known_relays, replacing the one pinned before (both fingerprints are "
-                       "shown).")
+    p = sub.add_parser(
+        "trust",
+        help="accept a peer's (changed) key, or pin a relay's key",
+        description="Record PEER's current key as trusted, replacing a different "
+        "one recorded earlier (verify the safety number out of band first). Or, "
+        "with --relay HOST:PORT --relay-key relay.pub, pin that relay's key in "
+        "known_relays, replacing the one pinned before (both fingerprints are "
+        "shown).",
+    )
     p.add_argument("peer", metavar="NAME|FILE", nargs="?", help="the peer whose key to trust")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
     p.add_argument("--relay", metavar="HOST[:PORT]", help="the relay whose key to pin")

@@ -46,10 +46,17 @@ def fragments(status: Status, columns: int) -> StyleAndTextTuples:
     if status.connected:
         return [("class:status.online", " ● connected "), ("class:status", status.relay), *tail]
     label = " ○ offline "
-    room = (columns - STATUS_RESERVE - get_cwidth(label)
-            - sum(get_cwidth(text) for _style, text, *_ in tail))
-    return [("class:status.offline", label), ("class:status", fit(offline_reason(status), room)),
-            *tail]
+    room = (
+        columns
+        - STATUS_RESERVE
+        - get_cwidth(label)
+        - sum(get_cwidth(text) for _style, text, *_ in tail)
+    )
+    return [
+        ("class:status.offline", label),
+        ("class:status", fit(offline_reason(status), room)),
+        *tail,
+    ]
 
 
 def offline_reason(status: Status) -> str:

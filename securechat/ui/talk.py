@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from typing import Final, TextIO
 
-from securechat import envelope, keys
 from securechat.client import app
 from securechat.client.link import DEFAULT_PORT
 from securechat.client.messenger import (
@@ -35,6 +34,7 @@ from securechat.client.messenger import (
     Messenger,
     NoticeEvent,
 )
+from securechat.core import envelope, keys
 from securechat.errors import (
     DeliveryTimeoutError,
     PeerKeyChangedError,
@@ -52,29 +52,38 @@ LINGER: Final = 0.5  # pipe mode: late incoming messages after everything is ack
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``securechat talk`` (the caller creates the sub-parser)."""
     parser.add_argument(
-        "--peer", action="append", required=True, metavar="NAME|FILE",
+        "--peer",
+        action="append",
+        required=True,
+        metavar="NAME|FILE",
         help="who to talk to (a .pub file or a name in the key directory); repeat for a group",
     )
     parser.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
     parser.add_argument(
-        "--relay", metavar="HOST[:PORT]",
+        "--relay",
+        metavar="HOST[:PORT]",
         help=f"relay address, port {DEFAULT_PORT} if none (default: ${app.ENV_RELAY} or "
         f"{app.DEFAULT_RELAY})",
     )
     parser.add_argument(
-        "--relay-key", metavar="FILE",
+        "--relay-key",
+        metavar="FILE",
         help="the relay's relay.pub: pins its key in known_relays (replacing an older pin "
         "once the relay proves it holds this key)",
     )
     parser.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="print received messages as JSON lines (pipe mode, even on a terminal)",
     )
     parser.add_argument(
         "--no-history", action="store_true", help="do not keep this session in local history"
     )
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
         help="pipe mode: how long to wait at end of input for the relay to accept every "
         f"message (default {DEFAULT_TIMEOUT:g})",
     )
@@ -135,8 +144,11 @@ class _PipePrinter:
                 self._was_connected = True
             elif self._was_connected and not self._offline_told:
                 self._offline_told = True
-                self._write(self._err, f"securechat: warning: relay connection lost "
-                            f"({fmt.safe(event.detail)}); new lines wait in the outbox")
+                self._write(
+                    self._err,
+                    f"securechat: warning: relay connection lost "
+                    f"({fmt.safe(event.detail)}); new lines wait in the outbox",
+                )
 
     def _write(self, stream: TextIO, line: str) -> None:
         with self._lock:
@@ -160,8 +172,12 @@ def _input_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
 def _run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
     printer = _PipePrinter(sys.stdout, sys.stderr, args.json)
     with app.open_client(
-        args.key, relay, args.relay_key, printer,
-        keep_history=not args.no_history, watch=peers,
+        args.key,
+        relay,
+        args.relay_key,
+        printer,
+        keep_history=not args.no_history,
+        watch=peers,
     ) as client:
         messenger = client.messenger
         warnings = check_peers(messenger, peers)

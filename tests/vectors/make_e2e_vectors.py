@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from securechat import dh, envelope, ratchet, x3dh
-from securechat.e2e import Content, E2EState, Group, parse_bundle
-from securechat.keys import Identity, identity_from_secrets
+from securechat.core import dh, envelope, ratchet, x3dh
+from securechat.core.e2e import Content, E2EState, Group, parse_bundle
+from securechat.core.keys import Identity, identity_from_secrets
 
 HERE = Path(__file__).resolve().parent
 PROVENANCE = (
@@ -178,9 +178,16 @@ def _script() -> list[Step]:
         ("bob", "alice", Content(bytes([3]) * 16, 1_700_000_000_003, "hi alice ✓")),
         ("alice", "bob", Content(bytes([4]) * 16, 1_700_000_000_004, "x" * 70, group)),
         ("bob", "alice", Content(bytes([5]) * 16, 1_700_000_000_005, "")),
-        ("alice", "bob", envelope.control(
-            envelope.CONTENT_RECEIPT, bytes([6]) * 16, 1_700_000_000_006,
-            [bytes([3]) * 16, bytes([5]) * 16])),
+        (
+            "alice",
+            "bob",
+            envelope.control(
+                envelope.CONTENT_RECEIPT,
+                bytes([6]) * 16,
+                1_700_000_000_006,
+                [bytes([3]) * 16, bytes([5]) * 16],
+            ),
+        ),
     ]
 
 

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from securechat import noise
+from securechat.core import noise
 from securechat.errors import HandshakeError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,8 +47,11 @@ def supported_noise(vector: dict[str, Any]) -> bool:
 def _dump_wycheproof(data: dict[str, Any]) -> str:
     """The Wycheproof object, with each test on its own line."""
     head = {k: v for k, v in data.items() if k != "testGroups"}
-    lines = ["{", *(f"{json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()),
-             '"testGroups": [']
+    lines = [
+        "{",
+        *(f"{json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()),
+        '"testGroups": [',
+    ]
     for g, group in enumerate(data["testGroups"]):
         meta = {k: v for k, v in group.items() if k != "tests"}
         lines.append(json.dumps(meta)[:-1] + ', "tests": [')
