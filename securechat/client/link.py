@@ -32,10 +32,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final, TypeVar
 
+from securechat.client.oserrors import ExceptionMapping, map_exceptions
 from securechat.core import encoding, noise, wire
 from securechat.errors import (
     ConnectionClosedError,
     CorruptKeyError,
+    KeyFileError,
+    KeyNotFoundError,
     NotARelayError,
     ProtocolError,
     RelayKeyChangedError,
@@ -46,6 +49,7 @@ from securechat.errors import (
 )
 
 E = TypeVar("E", bound=SecureChatError)
+_LOST: Final[ExceptionMapping] = {OSError: ConnectionClosedError}  # a socket error on an open link
 
 RELAY_PREFIX: Final = "screlay1"
 KNOWN_RELAYS: Final = "known_relays"
@@ -133,18 +137,27 @@ def canonical_address(text: str) -> str:
 
 
 def read_relay_key_file(path: Path) -> bytes:
-    """A relay's public key from its ``relay.pub`` line (``screlay1:...``)."""
+    """A relay's public key from its ``relay.pub`` line (``screlay1:...``).
+
+    A file that cannot be read is a key-file problem (missing: KeyNotFoundError),
+    not a corrupt key: the advice differs.
+    """
+    ask = "get relay.pub from the relay's operator (the relay writes it in its --data folder)"
+    with map_exceptions(
+        {FileNotFoundError: KeyNotFoundError, OSError: KeyFileError},
+        f"cannot read relay key {path}",
+        hint=ask,
+    ):
+        data = path.read_bytes()
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CorruptKeyError(f"cannot read relay key {path}: {exc.strerror}") from exc
+        text = data.decode()
     except UnicodeDecodeError as exc:
-        raise CorruptKeyError(f"{path} is not a relay key file") from exc
+        raise CorruptKeyError(f"{path} is not a relay key file", hint=ask) from exc
     token = text.strip().split(" ")[0] if text.strip() else ""
     try:
         return encoding.decode_token(token, RELAY_PREFIX, wire.KEY_SIZE)
     except CorruptKeyError as exc:
-        raise CorruptKeyError(f"{path}: {exc}") from exc
+        raise CorruptKeyError(f"{path}: {exc}", hint=ask) from exc
 
 
 class KnownRelays:
@@ -161,14 +174,14 @@ class KnownRelays:
         self._announce = announce
 
     def _entries(self) -> dict[str, str]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
+        if not self.path.exists():
             return {}
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise StorageError(f"{self.path} is not a known_relays file (not text)") from exc
+        with map_exceptions(
+            {UnicodeDecodeError: StorageError, OSError: StorageError},
+            f"cannot read {self.path}",
+            hint=f"fix or remove {self.path} (relays are pinned again on first use)",
+        ):
+            lines = self.path.read_text().splitlines()
         entries = {}
         for line in lines:
             address, _, token = line.strip().partition(" ")
@@ -213,7 +226,7 @@ class KnownRelays:
         entries = self._entries()
         entries[canonical_address(address)] = encoding.encode_token(RELAY_PREFIX, key)
         text = "".join(f"{a} {t}\n" for a, t in sorted(entries.items()))
-        try:
+        with map_exceptions({OSError: StorageError}, f"cannot write {self.path}"):
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             # 0600 like every client file: which relays you use is nobody else's business.
@@ -221,8 +234,6 @@ class KnownRelays:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
             os.replace(tmp, self.path)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.path}: {exc.strerror}") from exc
 
 
 # --- the link ------------------------------------------------------------------------------
@@ -298,21 +309,17 @@ class RelayLink:
         plaintext = b"".join(wire.encode(frame) for frame in frames)
         if not plaintext:
             return
-        with self._write_lock:
-            try:
-                self._sock.sendall(self._conn.send(plaintext))
-            except OSError as exc:
-                raise ConnectionClosedError(f"lost the connection to the relay: {exc}") from exc
+        with self._write_lock, map_exceptions(_LOST, "lost the connection to the relay"):
+            self._sock.sendall(self._conn.send(plaintext))
 
     def receive(self, timeout: float | None) -> list[wire.Frame]:
         """Frames available within ``timeout`` (``[]`` on timeout); raise when closed."""
-        self._sock.settimeout(timeout)
-        try:
-            data = self._sock.recv(READ_SIZE)
-        except TimeoutError:
-            return []
-        except OSError as exc:
-            raise ConnectionClosedError(f"lost the connection to the relay: {exc}") from exc
+        with map_exceptions(_LOST, "lost the connection to the relay"):
+            self._sock.settimeout(timeout)
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except TimeoutError:
+                return []  # nothing within the timeout: not an error
         if not data:
             raise ConnectionClosedError("the relay closed the connection")
         _events, plaintext, _reply = self._conn.receive_data(data)
@@ -330,9 +337,7 @@ class RelayLink:
 
 def _failure(cls: type[E], message: str, *, brief: str) -> E:
     """``cls(message)`` with its few-word form for a status line."""
-    error = cls(message)
-    error.brief = brief
-    return error
+    return cls(message, brief=brief)
 
 
 def _open_socket(address: str, host: str, port: int, timeout: float) -> socket.socket:

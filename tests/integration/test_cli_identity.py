@@ -10,6 +10,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from cli_output import error_text
 from conftest import cli_env, run_cli
 
 
@@ -19,11 +20,7 @@ def _keygen(home: Path, name: str, *extra: str, **env: str) -> None:
 
 
 def _one_line_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("securechat: ")
-    assert "Traceback" not in stderr
-    return lines[0]
+    return error_text(stderr, alone=True)
 
 
 def test_keygen_writes_files_with_modes_and_prints_fingerprint(sc_home: Path) -> None:

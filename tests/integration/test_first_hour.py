@@ -24,6 +24,7 @@ from securechat.client import app, link
 from securechat.core.encoding import fingerprint
 from securechat.relay import limits
 
+from cli_output import error_text
 from paths import DOCS, REPO
 from relay_fixture import Relay, cli_cmd, env_for, run
 
@@ -36,10 +37,7 @@ FAST: float = 10.0
 
 
 def _one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines and "Traceback" not in stderr, stderr
-    assert lines[-1].startswith("securechat: "), stderr
-    return lines[-1]
+    return error_text(stderr)
 
 
 def _send(
@@ -161,7 +159,8 @@ def test_keygen_force_refused_while_a_client_runs(home: Path, relay: Relay) -> N
     with _background_talk(home, relay, "alice", "bob"):
         res = run(home, "keygen", "alice", "--force", "--no-passphrase")
         assert res.returncode == 2
-        assert "using alice; stop it first" in _one_line(res.stderr)
+        error = _one_line(res.stderr)
+        assert "is using alice" in error and "hint: stop it first" in error
     assert (home / "alice.key").read_bytes() == before
     assert (home / "alice.state.db").exists()
 

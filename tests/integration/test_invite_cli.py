@@ -18,6 +18,7 @@ from securechat.core import wire
 from securechat.core.encoding import decode_token
 from securechat.core.invite import words
 
+from cli_output import error_text
 from conftest import run_cli
 from invite_fakerelay import TamperingRelay
 from relay_fixture import Relay, cli_cmd, env_for, keygen
@@ -118,7 +119,7 @@ def test_a_wrong_code_fails_clearly_on_both_sides_and_records_nothing(
     assert accepted.returncode == code == EXIT_AUTH
     assert "wrong code, or someone tampered" in accepted.stderr
     assert "wrong code, or someone tampered" in err and "used up" in err
-    assert accepted.stderr.strip().splitlines()[-1].startswith("securechat: wrong code")
+    assert error_text(accepted.stderr).startswith("securechat: wrong code")
     assert "Traceback" not in err + accepted.stderr
     assert not (bob / "alice.pub").exists() and not (alice / "bob.pub").exists()
     again = run_cli(bob, "accept", inviter.code, "--relay", relay.address)

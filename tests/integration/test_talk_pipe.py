@@ -12,6 +12,7 @@ import pytest
 from securechat.errors import DeliveryTimeoutError, PeerKeyChangedError
 from securechat.ui import format as fmt
 
+from cli_output import error_text
 from relay_fixture import Relay, cli_cmd, env_for, keygen, run, talk
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,7 +123,7 @@ def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay:
     relay.stop()
     result = talk(home, "alice", ["bob"], relay, ["sent while relay down"])
     assert result.returncode == 7 and result.stdout == ""
-    (message,) = result.stderr.strip().splitlines()
+    message = error_text(result.stderr, alone=True)
     assert "refused the connection" in message and "nothing was sent or queued" in message
     restarted = relay.restart()
     try:
@@ -172,7 +173,7 @@ def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay
             alice.wait()
     assert alice.returncode == DeliveryTimeoutError.exit_code
     assert "relay connection lost" in err
-    last = err.strip().splitlines()[-1]
+    last = error_text(err)
     assert "2 messages queued in the outbox" in last and "do not send them again" in last
     restarted = relay.restart()
     try:
@@ -204,7 +205,7 @@ def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
     result = talk(home, "alice", ["bob"], relay, ["must not be sent"])
     assert result.returncode == PeerKeyChangedError.exit_code
     assert "CHANGED" in result.stderr and "securechat trust bob" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    error_text(result.stderr, alone=True)
     # The new bob sees nothing (he cannot read "before", and the refused line never left).
     assert ok(talk(home, "bob", ["alice"], relay)) == []
 
@@ -220,8 +221,7 @@ def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
 def test_usage_errors_are_one_line(home: Path, args: list[str], needle: str) -> None:
     result = run(home, "talk", "--key", "alice", "--peer", "bob", *args)
     assert result.returncode != 0
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("securechat: ") and needle in line
+    assert needle in error_text(result.stderr, alone=True)
 
 
 def test_format_safe_keeps_printable_text() -> None:
