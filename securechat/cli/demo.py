@@ -31,7 +31,7 @@ from securechat import files
 from securechat.client import invite as client_invite
 from securechat.client import keystore
 from securechat.client.app import Client, known_relays, open_client, open_store
-from securechat.client.messenger import Event, MessageEvent
+from securechat.client.events import Event, MessageEvent
 from securechat.core import invite, keys, wire
 from securechat.errors import DeliveryTimeoutError, SecureChatError, TransportError
 
@@ -328,14 +328,13 @@ def _play(relay: str, home: Path) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run a short conversation on an embedded relay",
-        description="Start a relay on a free loopback port in a temporary directory, create "
+def configure(command: str, p: argparse.ArgumentParser) -> None:
+    assert command == "demo"
+    p.description = (
+        "Start a relay on a free loopback port in a temporary directory, create "
         "alice, bob and carol, let them exchange keys with invite codes, play a conversation "
         "(two people, then a group of three, one message sent while its recipient is offline), "
         "print what each person sees beside what "
-        "the relay handled (sizes and ciphertext prefixes, never the text), clean up.",
+        "the relay handled (sizes and ciphertext prefixes, never the text), clean up."
     )
     p.set_defaults(handler=run_demo)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from securechat.client import keystore
+from securechat.client.events import Event, NoticeEvent
 from securechat.client.link import (
     CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -24,10 +25,11 @@ from securechat.client.link import (
     read_relay_key_file,
     with_port,
 )
-from securechat.client.messenger import Conversation, Event, Messenger, NoticeEvent
+from securechat.client.messenger import Messenger
+from securechat.client.peers import Conversation
 from securechat.client.store import ClientStore, StoreKeys
 from securechat.core import keys, wire
-from securechat.errors import RelayUnreachableError, SecureChatError, UsageError
+from securechat.errors import RelayUnreachableError, UsageError
 
 ENV_RELAY: Final = "SECURECHAT_RELAY"
 DEFAULT_RELAY: Final = f"127.0.0.1:{DEFAULT_PORT}"
@@ -144,23 +146,13 @@ def wait_for_relay(messenger: Messenger, *, what: str, timeout: float = RELAY_WA
     while not messenger.connected:
         failure = messenger.fatal or messenger.last_connect_error
         if failure is not None:
-            raise with_note(failure, what)
+            raise failure.with_note(what)
         if time.monotonic() >= deadline:
             raise RelayUnreachableError(
                 f"no connection to the relay at {messenger.relay_address} after {timeout:g}s; "
                 f"{what}"
             )
         time.sleep(_POLL)
-
-
-def with_note(exc: SecureChatError, note: str) -> SecureChatError:
-    """The same error class (so the same exit code) with ``note`` appended."""
-    try:
-        extended = type(exc)(f"{exc}; {note}")
-    except TypeError:
-        return exc
-    extended.__cause__ = exc
-    return extended
 
 
 def load_peers(names: Iterable[str]) -> list[keys.PublicIdentity]:

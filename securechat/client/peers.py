@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import nacl.bindings
+
 from securechat.client import keystore
 from securechat.client.store import ClientStore
 from securechat.core import envelope, keys
@@ -94,9 +95,9 @@ class KnownPeers:
         if not known.same_keys(peer):
             raise PeerKeyChangedError(
                 f"WARNING: the key for {peer.name!r} has CHANGED (was {known.fingerprint}, now "
-                f"{peer.fingerprint}). Someone may be impersonating {peer.name}. Refusing to send. "
-                f"Verify the new safety number with {peer.name} out of band, then run "
-                f"'securechat trust {peer.name}'"
+                f"{peer.fingerprint}). Someone may be impersonating {peer.name}. Refusing to send",
+                hint=f"verify the new safety number with {peer.name} out of band (securechat "
+                f"safety-number --peer {peer.name}), then run 'securechat trust {peer.name}'",
             )
 
     def trust(self, peer: keys.PublicIdentity) -> bool:
