@@ -75,7 +75,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         if refused:
             raise RelayError(
                 f"the relay refused {len(refused)} of {len(sent)} message(s) for good "
-                f"({refused[0]}); they were not delivered and are not queued"
+                f"({refused[0]}); they were not delivered and are not queued",
+                hint="send them again shorter, or in parts",
             )
     return 0
 

@@ -75,8 +75,8 @@ def conversation(me: keys.PublicIdentity, peers: Iterable[keys.PublicIdentity]) 
     peers = list(peers)
     if peers and all(p.dh == me.dh for p in peers):
         raise UsageError(
-            f"--peer {peers[0].name or 'that key'} is your own identity ({me.name}); "
-            "give someone else's key"
+            f"--peer {peers[0].name or 'that key'} is your own identity ({me.name})",
+            hint="give someone else's key with --peer",
         )
     return Conversation.with_peers(me, peers)
 
@@ -150,7 +150,8 @@ def wait_for_relay(messenger: Messenger, *, what: str, timeout: float = RELAY_WA
         if time.monotonic() >= deadline:
             raise RelayUnreachableError(
                 f"no connection to the relay at {messenger.relay_address} after {timeout:g}s; "
-                f"{what}"
+                f"{what}",
+                hint="is the relay running? check --relay HOST:PORT (or $SECURECHAT_RELAY)",
             )
         time.sleep(_POLL)
 

@@ -87,9 +87,13 @@ def exchange(
 def _relay_error(frame: wire.Error) -> RelayError:
     if frame.code == wire.BAD_FRAME:  # a relay older than protocol 1.1 knows no invites
         return RelayError(
-            f"the relay does not support invites (an older securechat relay?): {frame.reason}"
+            f"the relay does not support invites (an older securechat relay?): {frame.reason}",
+            hint="ask its operator to upgrade, or exchange NAME.pub files by hand",
         )
-    return RelayError(f"the relay ended the invite: {frame.reason or wire.ERROR_NAMES[frame.code]}")
+    return RelayError(
+        f"the relay ended the invite: {frame.reason or wire.ERROR_NAMES[frame.code]}",
+        hint="ask for a new code, or open a new invite with 'securechat invite'",
+    )
 
 
 def _send(link: RelayLink, frames: list[wire.Frame], tap: Tap | None) -> None:

@@ -96,7 +96,10 @@ def _decode_text(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CorruptKeyError(f"{path} is not a securechat key file (not text)") from exc
+        raise CorruptKeyError(
+            f"{path} is not a securechat key file (not text)",
+            hint="give the NAME.key or NAME.pub file that 'securechat keygen' wrote",
+        ) from exc
 
 
 def resolve(arg: str, suffix: str, *, peer: bool = False) -> Path:
@@ -241,7 +244,7 @@ def _naming(path: Path) -> Iterator[None]:
     except CorruptKeyError as exc:
         if str(path) in str(exc):
             raise
-        raise CorruptKeyError(f"{path}: {exc}") from exc
+        raise CorruptKeyError(f"{path}: {exc}", hint=exc.hint) from exc
 
 
 # --- replacing an identity ----------------------------------------------------------------

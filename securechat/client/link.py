@@ -201,7 +201,11 @@ class KnownRelays:
         try:
             return encoding.decode_token(token, RELAY_PREFIX, wire.KEY_SIZE)
         except CorruptKeyError as exc:
-            raise CorruptKeyError(f"{self.path}: entry for {where}: {exc}") from exc
+            raise CorruptKeyError(
+                f"{self.path}: entry for {where}: {exc}",
+                hint=f"remove that line: the relay's key is pinned again on first use, or "
+                f"with securechat trust --relay {where} --relay-key relay.pub",
+            ) from exc
 
     def pin(self, address: str, key: bytes, *, source: str) -> bytes | None:
         """Record ``key`` for ``address``, announce it, return the key it replaced."""
@@ -335,9 +339,12 @@ class RelayLink:
 # --- connecting, and saying why it failed ----------------------------------------------------
 
 
-def _failure(cls: type[E], message: str, *, brief: str) -> E:
-    """``cls(message)`` with its few-word form for a status line."""
-    return cls(message, brief=brief)
+def _failure(cls: type[E], message: str, *, brief: str, hint: str) -> E:
+    """``cls(message)`` with its few-word form for a status line and what to do."""
+    return cls(message, brief=brief, hint=hint)
+
+
+_CHECK_ADDRESS: Final = "check --relay HOST:PORT (or $SECURECHAT_RELAY)"
 
 
 def _open_socket(address: str, host: str, port: int, timeout: float) -> socket.socket:
@@ -346,23 +353,25 @@ def _open_socket(address: str, host: str, port: int, timeout: float) -> socket.s
         return socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError as exc:
         message = (
-            f"the relay at {address} refused the connection: nothing listens on port "
-            f"{port} there (is the relay running, and is the port right?)"
+            f"the relay at {address} refused the connection: nothing listens on port {port} there"
         )
-        raise _failure(RelayUnreachableError, message, brief="connection refused") from exc
+        hint = f"is the relay running, and is the port right? {_CHECK_ADDRESS}"
+        raise _failure(
+            RelayUnreachableError, message, brief="connection refused", hint=hint
+        ) from exc
     except socket.gaierror as exc:
         message = f"cannot find the relay's host {host!r}: {exc.strerror or exc}"
-        raise _failure(RelayUnreachableError, message, brief="unknown host") from exc
+        hint = f"check the host name: {_CHECK_ADDRESS}"
+        raise _failure(RelayUnreachableError, message, brief="unknown host", hint=hint) from exc
     except TimeoutError as exc:
-        message = (
-            f"no answer from {address} within {timeout:g}s (is the host up? a firewall "
-            "may drop the connection)"
-        )
-        raise _failure(RelayUnreachableError, message, brief="no answer") from exc
+        message = f"no answer from {address} within {timeout:g}s"
+        hint = "is the host up? a firewall may drop the connection"
+        raise _failure(RelayUnreachableError, message, brief="no answer", hint=hint) from exc
     except OSError as exc:
         message = f"cannot reach the relay at {address}: {exc.strerror or exc}"
         brief = (exc.strerror or "unreachable").lower()
-        raise _failure(RelayUnreachableError, message, brief=brief) from exc
+        hint = f"check your network, and {_CHECK_ADDRESS}"
+        raise _failure(RelayUnreachableError, message, brief=brief, hint=hint) from exc
 
 
 def _handshake(
@@ -375,29 +384,38 @@ def _handshake(
         while not conn.complete:
             data = sock.recv(READ_SIZE)
             if not data:
-                message = (
-                    f"{address} closed the connection during the handshake (not a "
-                    "securechat relay, or a relay at its connection limit)"
+                message = f"{address} closed the connection during the handshake"
+                hint = (
+                    "it is not a securechat relay, or a relay at its connection limit: "
+                    f"{_CHECK_ADDRESS}, or try again later"
                 )
-                raise _failure(RelayUnreachableError, message, brief="closed in the handshake")
+                raise _failure(
+                    RelayUnreachableError, message, brief="closed in the handshake", hint=hint
+                )
             first = first or data[:_PREVIEW]
             try:
                 _events, _plain, reply = conn.receive_data(data)
             except ProtocolError as exc:  # a changed key (TrustError) propagates as it is
                 message = _not_a_relay(address, first)
-                raise _failure(NotARelayError, message, brief="not a securechat relay") from exc
+                raise _failure(
+                    NotARelayError, message, brief="not a securechat relay", hint=_CHECK_ADDRESS
+                ) from exc
             if reply:
                 sock.sendall(reply)
     except TimeoutError as exc:
         message = (
             f"{address} accepted the connection but gave no securechat handshake answer "
-            f"within {timeout:g}s: is a securechat relay listening there (or is it "
-            "overloaded)?"
+            f"within {timeout:g}s"
         )
-        raise _failure(NotARelayError, message, brief="no securechat handshake answer") from exc
+        hint = f"is a securechat relay listening there (or is it overloaded)? {_CHECK_ADDRESS}"
+        raise _failure(
+            NotARelayError, message, brief="no securechat handshake answer", hint=hint
+        ) from exc
     except OSError as exc:
         message = f"the connection to {address} failed during the handshake: {exc.strerror or exc}"
-        raise _failure(RelayUnreachableError, message, brief="failed in the handshake") from exc
+        raise _failure(
+            RelayUnreachableError, message, brief="failed in the handshake", hint="try again"
+        ) from exc
 
 
 def _not_a_relay(address: str, first: bytes) -> str:
@@ -421,11 +439,14 @@ def _key_mismatch(
             f"the relay at {where} presented key {got}, not {want} from --relay-key: "
             "this may be an attack (or the wrong relay.pub)"
         )
-        return _failure(RelayKeyChangedError, message, brief="WRONG RELAY KEY")
+        hint = "check with the relay's operator that this relay.pub is the current one"
+        return _failure(RelayKeyChangedError, message, brief="WRONG RELAY KEY", hint=hint)
     message = (
         f"the relay at {where} presented key {got} but {want} is pinned (in "
-        f"{known.path}); this may be an attack. If the relay's key really changed, get "
-        "its new relay.pub from the operator and run: securechat trust --relay "
-        f"{where} --relay-key relay.pub"
+        f"{known.path}); this may be an attack"
     )
-    return _failure(RelayKeyChangedError, message, brief="RELAY KEY CHANGED")
+    hint = (
+        "if the relay's key really changed, get its new relay.pub from the operator and run: "
+        f"securechat trust --relay {where} --relay-key relay.pub"
+    )
+    return _failure(RelayKeyChangedError, message, brief="RELAY KEY CHANGED", hint=hint)

@@ -40,7 +40,10 @@ class Conversation:
         unique = {p.dh: p for p in peers if p.dh != me.dh}
         members = tuple(unique.values())
         if not members:
-            raise UsageError("a conversation needs at least one peer other than yourself")
+            raise UsageError(
+                "a conversation needs at least one peer other than yourself",
+                hint="name someone with --peer",
+            )
         if len(members) == 1:
             return cls(direct_conv_id(me.dh, members[0].dh), members, None)
         group = envelope.Group.of([me.dh, *unique])

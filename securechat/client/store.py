@@ -128,7 +128,10 @@ class ClientStore:
         ``talk`` runs): SQLite's WAL lets readers see the last commit; it takes no lock
         and writes nothing, so it cannot disturb the writer's ratchets."""
         if not path.exists():
-            raise StorageError(f"no local state for this identity yet ({path} does not exist)")
+            raise StorageError(
+                f"no local state for this identity yet ({path} does not exist)",
+                hint="send or receive a message first",
+            )
         with map_exceptions({sqlite3.Error: StorageError}, f"cannot read the client state {path}"):
             self._db = sqlite3.connect(
                 f"{path.resolve().as_uri()}?mode=ro",

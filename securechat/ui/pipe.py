@@ -121,7 +121,8 @@ def _send_lines(messenger: Messenger, conv: Conversation, stream: TextIO) -> Usa
         if len(line.encode()) > envelope.MAX_TEXT_BYTES:
             return UsageError(
                 f"input line {number} is longer than {envelope.MAX_TEXT_BYTES} bytes; it and "
-                "the lines after it were not sent (the lines before it were)"
+                "the lines after it were not sent (the lines before it were)",
+                hint="split it into shorter lines, then send the rest again",
             )
         try:
             messenger.send_text(conv, line)
