@@ -26,7 +26,7 @@ from securechat.relay import limits
 
 from cli_output import error_text
 from paths import DOCS, REPO
-from relay_fixture import Relay, cli_cmd, env_for, run
+from relay_fixture import Relay, cli_cmd, env_for, run, spawn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -86,15 +86,7 @@ def _relay_fp(relay: Relay) -> str:
 @contextlib.contextmanager
 def _background_talk(home: Path, relay: Relay, key: str, peer: str) -> Iterator[None]:
     """A pipe-mode talk that stays connected (holds the identity's lock) until the block ends."""
-    proc = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", key, "--peer", peer, "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    proc = spawn(home, "talk", "--key", key, "--peer", peer, "--relay", relay.address)
     try:
         lock = home / f"{key}.state.lock"
         deadline = time.monotonic() + 20
@@ -543,15 +535,7 @@ def _core_limit(pid: int) -> str:
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs /proc")
 def test_processes_holding_keys_never_dump_core(home: Path, relay: Relay) -> None:
     assert _core_limit(relay.proc.pid) == "0"
-    talk = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    talk = spawn(home, "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not _locked(home / "alice.state.lock"):

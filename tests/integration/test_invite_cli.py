@@ -21,7 +21,7 @@ from securechat.core.invite import words
 from cli_output import error_text
 from conftest import run_cli
 from invite_fakerelay import TamperingRelay
-from relay_fixture import Relay, cli_cmd, env_for, keygen
+from relay_fixture import Relay, keygen, spawn
 from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,15 +46,7 @@ class Inviter:
 
 
 def start_invite(home: Path, relay: str, *extra: str) -> Inviter:
-    proc = subprocess.Popen(
-        [*cli_cmd(), "invite", "--relay", relay, *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    proc = spawn(home, "invite", "--relay", relay, *extra, stdin=subprocess.DEVNULL)
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout

@@ -13,7 +13,7 @@ from securechat.errors import DeliveryTimeoutError, PeerKeyChangedError
 from securechat.ui import format as fmt
 
 from cli_output import error_text
-from relay_fixture import Relay, cli_cmd, env_for, keygen, run, talk
+from relay_fixture import Relay, keygen, run, spawn, talk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,15 +33,7 @@ def test_lines_arrive_once_each_in_order(home: Path, relay: Relay) -> None:
 
 
 def test_live_receiver_prints_while_sender_writes(home: Path, relay: Relay) -> None:
-    bob = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    bob = spawn(home, "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address)
     try:
         assert bob.stdout is not None and bob.stdin is not None
         ok(talk(home, "alice", ["bob"], relay, ["are you there?"]))
@@ -135,26 +127,8 @@ def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay:
 
 def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay: Relay) -> None:
     """Connected, then the relay goes: later lines are queued, said so, and sent once."""
-    alice = subprocess.Popen(
-        [
-            *cli_cmd(),
-            "talk",
-            "--key",
-            "alice",
-            "--peer",
-            "bob",
-            "--relay",
-            relay.address,
-            "--timeout",
-            "1.5",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    talk_args = ["--key", "alice", "--peer", "bob", "--relay", relay.address, "--timeout", "1.5"]
+    alice = spawn(home, "talk", *talk_args)
     try:
         assert alice.stdin is not None
         alice.stdin.write("first, relay up\n")
