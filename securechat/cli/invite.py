@@ -15,7 +15,7 @@ from pathlib import Path
 from securechat.cli.options import add_client_arguments, add_timeout, positive_timeout
 from securechat.client import app, keystore
 from securechat.client import invite as client_invite
-from securechat.client.link import canonical_address, read_relay_key_file
+from securechat.client.relays import canonical_address, read_relay_key_file
 from securechat.core import invite, keys
 from securechat.errors import SecureChatError, UsageError
 

@@ -19,9 +19,9 @@ from securechat.cli.options import add_client_arguments, add_timeout
 from securechat.client import app, keystore
 from securechat.client.app import load_peers, open_client, open_store
 from securechat.client.events import Event, MessageEvent, NoticeEvent
-from securechat.client.link import canonical_address, read_relay_key_file
 from securechat.client.messenger import Messenger
 from securechat.client.peers import KnownPeers
+from securechat.client.relays import canonical_address, read_relay_key_file
 from securechat.core import envelope
 from securechat.core.encoding import fingerprint
 from securechat.errors import DeliveryTimeoutError, RelayError, UsageError

@@ -25,8 +25,9 @@ from typing import Final
 
 from securechat import files
 from securechat.client import keystore
-from securechat.client.link import KnownRelays, RelayLink
+from securechat.client.link import RelayLink
 from securechat.client.peers import KnownPeers
+from securechat.client.relays import KnownRelays
 from securechat.client.store import ClientStore
 from securechat.core import dh, keys, wire
 from securechat.core.invite import Event, InviteSession, PeerVerified, Role

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from securechat.client import app, link
+from securechat.client import app, relays
 from securechat.core.encoding import fingerprint
 from securechat.relay import limits
 
@@ -80,7 +80,7 @@ def _free_port() -> int:
 
 
 def _relay_fp(relay: Relay) -> str:
-    return fingerprint(link.read_relay_key_file(relay.public_key_file))
+    return fingerprint(relays.read_relay_key_file(relay.public_key_file))
 
 
 @contextlib.contextmanager
@@ -263,13 +263,13 @@ def test_trust_relay_usage(home: Path) -> None:
 
 
 def test_addresses_and_default_port() -> None:
-    assert link.DEFAULT_PORT == limits.DEFAULT_PORT
-    assert link.parse_address("localhost") == ("localhost", link.DEFAULT_PORT)
-    assert app.relay_address("localhost") == f"localhost:{link.DEFAULT_PORT}"
-    assert link.parse_address("[::1]:6000") == ("::1", 6000)
-    assert link.parse_address("::1") == ("::1", link.DEFAULT_PORT)
+    assert relays.DEFAULT_PORT == limits.DEFAULT_PORT
+    assert relays.parse_address("localhost") == ("localhost", relays.DEFAULT_PORT)
+    assert app.relay_address("localhost") == f"localhost:{relays.DEFAULT_PORT}"
+    assert relays.parse_address("[::1]:6000") == ("::1", 6000)
+    assert relays.parse_address("::1") == ("::1", relays.DEFAULT_PORT)
     same = {
-        link.canonical_address(a)
+        relays.canonical_address(a)
         for a in (
             "localhost:5050",
             "127.0.0.1:5050",
@@ -279,11 +279,11 @@ def test_addresses_and_default_port() -> None:
         )
     }
     assert same == {"127.0.0.1:5050"}
-    assert link.canonical_address("Relay.Example.org.:7000") == "relay.example.org:7000"
-    assert link.canonical_address("[0:0::1]:1") == "[::1]:1"
+    assert relays.canonical_address("Relay.Example.org.:7000") == "relay.example.org:7000"
+    assert relays.canonical_address("[0:0::1]:1") == "[::1]:1"
     for bad in ("host:", "host:port", "host:0", "host:70000", "[::1", "a b:1", ""):
         with pytest.raises(Exception, match="bad relay address"):
-            link.parse_address(bad)
+            relays.parse_address(bad)
 
 
 # --- 12.5 --peer from any folder ---------------------------------------------------------------
