@@ -86,7 +86,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 def run_driver(args: argparse.Namespace) -> int:
     from securechat.client import keystore
     from securechat.client.app import open_client
-    from securechat.client.messenger import Event, MessageEvent, NoticeEvent, StatusEvent
+    from securechat.client.events import Event, MessageEvent, NoticeEvent, StatusEvent
 
     work = Path(args.work)
     log_path = work / f"events-{args.name}.jsonl"

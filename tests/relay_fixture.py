@@ -48,6 +48,19 @@ def run(
     )
 
 
+def spawn(home: Path, *args: str, stdin: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``securechat ARGS`` running in the background, its output in pipes (text)."""
+    return subprocess.Popen(
+        [*cli_cmd(), *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for(home),
+        cwd=home.parent,
+    )
+
+
 def keygen(home: Path, *names: str, force: bool = False) -> None:
     """What ``securechat keygen NAME --no-passphrase`` does, in-process (it is faster)."""
     from securechat import files

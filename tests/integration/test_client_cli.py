@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from cli_output import error_text
 from relay_fixture import Relay, keygen, run
 
 
@@ -25,10 +26,7 @@ def _receive(home: Path, relay: Relay, key: str, *extra: str) -> list[str]:
 
 
 def _one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines and "Traceback" not in stderr, stderr
-    assert lines[-1].startswith("securechat: ")
-    return lines[-1]
+    return error_text(stderr)
 
 
 def test_send_then_receive_exactly_once(home: Path, relay: Relay) -> None:

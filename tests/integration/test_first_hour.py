@@ -20,12 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from securechat.client import app, link
+from securechat.client import app, relays
 from securechat.core.encoding import fingerprint
 from securechat.relay import limits
 
+from cli_output import error_text
 from paths import DOCS, REPO
-from relay_fixture import Relay, cli_cmd, env_for, run
+from relay_fixture import Relay, cli_cmd, env_for, run, spawn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,10 +37,7 @@ FAST: float = 10.0
 
 
 def _one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert lines and "Traceback" not in stderr, stderr
-    assert lines[-1].startswith("securechat: "), stderr
-    return lines[-1]
+    return error_text(stderr)
 
 
 def _send(
@@ -82,21 +80,13 @@ def _free_port() -> int:
 
 
 def _relay_fp(relay: Relay) -> str:
-    return fingerprint(link.read_relay_key_file(relay.public_key_file))
+    return fingerprint(relays.read_relay_key_file(relay.public_key_file))
 
 
 @contextlib.contextmanager
 def _background_talk(home: Path, relay: Relay, key: str, peer: str) -> Iterator[None]:
     """A pipe-mode talk that stays connected (holds the identity's lock) until the block ends."""
-    proc = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", key, "--peer", peer, "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    proc = spawn(home, "talk", "--key", key, "--peer", peer, "--relay", relay.address)
     try:
         lock = home / f"{key}.state.lock"
         deadline = time.monotonic() + 20
@@ -161,7 +151,8 @@ def test_keygen_force_refused_while_a_client_runs(home: Path, relay: Relay) -> N
     with _background_talk(home, relay, "alice", "bob"):
         res = run(home, "keygen", "alice", "--force", "--no-passphrase")
         assert res.returncode == 2
-        assert "using alice; stop it first" in _one_line(res.stderr)
+        error = _one_line(res.stderr)
+        assert "is using alice" in error and "hint: stop it first" in error
     assert (home / "alice.key").read_bytes() == before
     assert (home / "alice.state.db").exists()
 
@@ -272,13 +263,13 @@ def test_trust_relay_usage(home: Path) -> None:
 
 
 def test_addresses_and_default_port() -> None:
-    assert link.DEFAULT_PORT == limits.DEFAULT_PORT
-    assert link.parse_address("localhost") == ("localhost", link.DEFAULT_PORT)
-    assert app.relay_address("localhost") == f"localhost:{link.DEFAULT_PORT}"
-    assert link.parse_address("[::1]:6000") == ("::1", 6000)
-    assert link.parse_address("::1") == ("::1", link.DEFAULT_PORT)
+    assert relays.DEFAULT_PORT == limits.DEFAULT_PORT
+    assert relays.parse_address("localhost") == ("localhost", relays.DEFAULT_PORT)
+    assert app.relay_address("localhost") == f"localhost:{relays.DEFAULT_PORT}"
+    assert relays.parse_address("[::1]:6000") == ("::1", 6000)
+    assert relays.parse_address("::1") == ("::1", relays.DEFAULT_PORT)
     same = {
-        link.canonical_address(a)
+        relays.canonical_address(a)
         for a in (
             "localhost:5050",
             "127.0.0.1:5050",
@@ -288,11 +279,11 @@ def test_addresses_and_default_port() -> None:
         )
     }
     assert same == {"127.0.0.1:5050"}
-    assert link.canonical_address("Relay.Example.org.:7000") == "relay.example.org:7000"
-    assert link.canonical_address("[0:0::1]:1") == "[::1]:1"
+    assert relays.canonical_address("Relay.Example.org.:7000") == "relay.example.org:7000"
+    assert relays.canonical_address("[0:0::1]:1") == "[::1]:1"
     for bad in ("host:", "host:port", "host:0", "host:70000", "[::1", "a b:1", ""):
         with pytest.raises(Exception, match="bad relay address"):
-            link.parse_address(bad)
+            relays.parse_address(bad)
 
 
 # --- 12.5 --peer from any folder ---------------------------------------------------------------
@@ -544,15 +535,7 @@ def _core_limit(pid: int) -> str:
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs /proc")
 def test_processes_holding_keys_never_dump_core(home: Path, relay: Relay) -> None:
     assert _core_limit(relay.proc.pid) == "0"
-    talk = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    talk = spawn(home, "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not _locked(home / "alice.state.lock"):

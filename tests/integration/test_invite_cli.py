@@ -18,9 +18,10 @@ from securechat.core import wire
 from securechat.core.encoding import decode_token
 from securechat.core.invite import words
 
+from cli_output import error_text
 from conftest import run_cli
 from invite_fakerelay import TamperingRelay
-from relay_fixture import Relay, cli_cmd, env_for, keygen
+from relay_fixture import Relay, keygen, spawn
 from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,15 +46,7 @@ class Inviter:
 
 
 def start_invite(home: Path, relay: str, *extra: str) -> Inviter:
-    proc = subprocess.Popen(
-        [*cli_cmd(), "invite", "--relay", relay, *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    proc = spawn(home, "invite", "--relay", relay, *extra, stdin=subprocess.DEVNULL)
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
@@ -118,7 +111,7 @@ def test_a_wrong_code_fails_clearly_on_both_sides_and_records_nothing(
     assert accepted.returncode == code == EXIT_AUTH
     assert "wrong code, or someone tampered" in accepted.stderr
     assert "wrong code, or someone tampered" in err and "used up" in err
-    assert accepted.stderr.strip().splitlines()[-1].startswith("securechat: wrong code")
+    assert error_text(accepted.stderr).startswith("securechat: wrong code")
     assert "Traceback" not in err + accepted.stderr
     assert not (bob / "alice.pub").exists() and not (alice / "bob.pub").exists()
     again = run_cli(bob, "accept", inviter.code, "--relay", relay.address)

@@ -12,7 +12,8 @@ import pytest
 from securechat.errors import DeliveryTimeoutError, PeerKeyChangedError
 from securechat.ui import format as fmt
 
-from relay_fixture import Relay, cli_cmd, env_for, keygen, run, talk
+from cli_output import error_text
+from relay_fixture import Relay, keygen, run, spawn, talk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,15 +33,7 @@ def test_lines_arrive_once_each_in_order(home: Path, relay: Relay) -> None:
 
 
 def test_live_receiver_prints_while_sender_writes(home: Path, relay: Relay) -> None:
-    bob = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    bob = spawn(home, "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address)
     try:
         assert bob.stdout is not None and bob.stdin is not None
         ok(talk(home, "alice", ["bob"], relay, ["are you there?"]))
@@ -122,7 +115,7 @@ def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay:
     relay.stop()
     result = talk(home, "alice", ["bob"], relay, ["sent while relay down"])
     assert result.returncode == 7 and result.stdout == ""
-    (message,) = result.stderr.strip().splitlines()
+    message = error_text(result.stderr, alone=True)
     assert "refused the connection" in message and "nothing was sent or queued" in message
     restarted = relay.restart()
     try:
@@ -134,26 +127,8 @@ def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay:
 
 def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay: Relay) -> None:
     """Connected, then the relay goes: later lines are queued, said so, and sent once."""
-    alice = subprocess.Popen(
-        [
-            *cli_cmd(),
-            "talk",
-            "--key",
-            "alice",
-            "--peer",
-            "bob",
-            "--relay",
-            relay.address,
-            "--timeout",
-            "1.5",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    talk_args = ["--key", "alice", "--peer", "bob", "--relay", relay.address, "--timeout", "1.5"]
+    alice = spawn(home, "talk", *talk_args)
     try:
         assert alice.stdin is not None
         alice.stdin.write("first, relay up\n")
@@ -172,7 +147,7 @@ def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay
             alice.wait()
     assert alice.returncode == DeliveryTimeoutError.exit_code
     assert "relay connection lost" in err
-    last = err.strip().splitlines()[-1]
+    last = error_text(err)
     assert "2 messages queued in the outbox" in last and "do not send them again" in last
     restarted = relay.restart()
     try:
@@ -204,7 +179,7 @@ def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
     result = talk(home, "alice", ["bob"], relay, ["must not be sent"])
     assert result.returncode == PeerKeyChangedError.exit_code
     assert "CHANGED" in result.stderr and "securechat trust bob" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    error_text(result.stderr, alone=True)
     # The new bob sees nothing (he cannot read "before", and the refused line never left).
     assert ok(talk(home, "bob", ["alice"], relay)) == []
 
@@ -220,8 +195,7 @@ def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
 def test_usage_errors_are_one_line(home: Path, args: list[str], needle: str) -> None:
     result = run(home, "talk", "--key", "alice", "--peer", "bob", *args)
     assert result.returncode != 0
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("securechat: ") and needle in line
+    assert needle in error_text(result.stderr, alone=True)
 
 
 def test_format_safe_keeps_printable_text() -> None:

@@ -173,7 +173,6 @@ KNOWN_CYCLES: list[list[str]] = [
         "securechat.relay.router",
         "securechat.relay.worker",
     ],
-    ["securechat.ui.screen", "securechat.ui.talk"],
 ]
 
 
