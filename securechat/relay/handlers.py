@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from securechat.core import wire
 from securechat.relay import guard, rendezvous
-from securechat.relay import store as st
 from securechat.relay.limits import (
     ACK_ENTRIES_PER_COST,
     MAX_INFLIGHT,
     PREKEY_LOW_MARKS,
     SUBSCRIBE_KEYS_PER_COST,
 )
+from securechat.relay.mailboxes import Bundle, Delete, Publish, Published, TakePrekeys
 from securechat.relay.router import OPEN, Copy, Inflight, Submission, recent_key, resolve
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def incoming(w: Worker, conn: Conn, copy: Copy) -> None:
     conn.live = False  # from now on, in order through the store until caught up
     conn.own_inserts += 1
 
-    def stored(result: int | None) -> None:
+    def stored(result: object) -> None:
         conn.own_inserts -= 1
         w.new_rows(conn)
 
@@ -187,12 +187,7 @@ def on_ack(w: Worker, conn: Conn, f: wire.Ack) -> Wait:
     if not inflight:
         w.awaiting.discard(conn)
     if to_delete:
-
-        def op(store: st.MailboxStore, now: int) -> None:
-            for sender, msg_id in to_delete:
-                store.delete(mailbox, sender, msg_id)
-
-        w.store_request(op, None, conn)
+        w.store_request(Delete(w, None, mailbox, to_delete), conn)
     return None
 
 
@@ -203,22 +198,18 @@ def on_publish(w: Worker, conn: Conn, f: wire.PublishPrekeys) -> Wait:
     if wait:
         return wait
 
-    def op(store: st.MailboxStore, now: int) -> tuple[int, bool]:
-        return store.publish_prekeys(identity, f.signed_prekey, f.one_time_prekeys)
-
-    def done(result: tuple[int, bool] | None) -> None:
+    def done(result: Published | None) -> None:
         if result is None:
             frame = wire.Error(wire.STORE_FAILED, wire.NO_ID, "relay store failed")
             w.queue_frame(conn, wire.encode(frame))
             return
-        count, changed = result
-        if count == st.PUBLISH_REFUSED:
+        if result.refused:
             reason = "one-time prekeys without a signed prekey (publish one first)"
             w.close(conn, reason, (wire.BAD_FRAME, wire.NO_ID))
-        elif changed:  # an unchanged bundle gets no answer: that ends a publish loop
-            w.queue_frame(conn, wire.encode(wire.PrekeyCount(count)))
+        elif result.changed:  # an unchanged bundle gets no answer: that ends a publish loop
+            w.queue_frame(conn, wire.encode(wire.PrekeyCount(result.held)))
 
-    w.store_request(op, done, conn)
+    w.store_request(Publish(w, done, identity, f.signed_prekey, f.one_time_prekeys), conn)
     return None
 
 
@@ -234,10 +225,7 @@ def on_fetch_prekeys(w: Worker, conn: Conn, f: wire.FetchPrekeys) -> Wait:
     # (never "no bundle": a client reads that as "this peer has published none").
     one_time = w.ctx.store.prekey_count(target) > 0 and budgets.take_one_time_prekey(target, w.now)
 
-    def op(store: st.MailboxStore, now: int) -> tuple[bytes, bytes | None, int]:
-        return store.take_prekeys(target, one_time=one_time)
-
-    def done(result: tuple[bytes, bytes | None, int] | None) -> None:
+    def done(result: Bundle | None) -> None:
         if result is None:
             frame = wire.Error(wire.STORE_FAILED, wire.NO_ID, "relay store failed")
             w.queue_frame(conn, wire.encode(frame))
@@ -247,7 +235,7 @@ def on_fetch_prekeys(w: Worker, conn: Conn, f: wire.FetchPrekeys) -> Wait:
         if otk is not None and _crossed_low_mark(left):
             _tell_owner(w, target, left)
 
-    w.store_request(op, done, conn)
+    w.store_request(TakePrekeys(w, done, target, one_time=one_time), conn)
     return None
 
 

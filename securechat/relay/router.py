@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from securechat.core import wire
-from securechat.relay import store as st
 from securechat.relay.limits import RECENTLY_ACKED
+from securechat.relay.mailboxes import InsertResult
 
 if TYPE_CHECKING:
     from securechat.relay.worker import Conn
@@ -59,14 +59,14 @@ REFUSALS: Final[dict[int, tuple[int, str]]] = {
     REFUSED_STORE_FULL: (wire.STORE_FAILED, "relay storage is full; retry later"),
 }
 _INSERT_OUTCOMES: Final[dict[int, Outcome]] = {
-    st.INSERTED: wire.STATUS_STORED,
-    st.DUPLICATE: wire.STATUS_STORED,
-    st.OVER_QUOTA: REFUSED_MAILBOX_FULL,
-    st.UNKNOWN_OVER_QUOTA: REFUSED_UNKNOWN_FULL,
-    st.SENDER_OVER_QUOTA: REFUSED_SENDER_QUOTA,
-    st.PREFIX_OVER_QUOTA: REFUSED_PREFIX_QUOTA,
-    st.LOW_SPACE: REFUSED_STORE_FAILED,
-    st.STORE_FULL: REFUSED_STORE_FULL,
+    InsertResult.INSERTED: wire.STATUS_STORED,
+    InsertResult.DUPLICATE: wire.STATUS_STORED,
+    InsertResult.OVER_QUOTA: REFUSED_MAILBOX_FULL,
+    InsertResult.UNKNOWN_OVER_QUOTA: REFUSED_UNKNOWN_FULL,
+    InsertResult.SENDER_OVER_QUOTA: REFUSED_SENDER_QUOTA,
+    InsertResult.PREFIX_OVER_QUOTA: REFUSED_PREFIX_QUOTA,
+    InsertResult.LOW_SPACE: REFUSED_STORE_FAILED,
+    InsertResult.STORE_FULL: REFUSED_STORE_FULL,
 }
 
 

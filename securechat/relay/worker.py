@@ -51,7 +51,6 @@ from securechat.core.encoding import fingerprint
 from securechat.core.noise import HandshakeComplete, NoiseConnection
 from securechat.errors import FrameError, FrameTooLargeError, ProtocolError, SecureChatError
 from securechat.relay import handlers, rendezvous
-from securechat.relay import store as st
 from securechat.relay.guard import Admission, Budgets, PartialBytes, prefix_of
 from securechat.relay.limits import (
     DECODE_LIMIT,
@@ -67,6 +66,8 @@ from securechat.relay.limits import (
     RelayConfig,
     TokenBucket,
 )
+from securechat.relay.mailboxes import Fetch, Insert, InsertResult, MarkKnown, Request, Row
+from securechat.relay.oserrors import describe
 from securechat.relay.router import (
     CLOSED,
     HANDSHAKE,
@@ -78,6 +79,7 @@ from securechat.relay.router import (
     insert_outcome,
     resolve,
 )
+from securechat.relay.store_thread import StoreThread
 
 log = logging.getLogger("securechat.relay")
 
@@ -112,7 +114,7 @@ class RelayContext:
         self,
         config: RelayConfig,
         router: Router,
-        store: st.StoreThread,
+        store: StoreThread,
         static_private: bytes,
     ) -> None:
         self.config = config
@@ -379,7 +381,7 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. out of file descriptors: pause, do not spin
-                log.warning("accept failed: %s", exc.strerror or exc)
+                log.warning("accept failed: %s", describe(exc))
                 with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(listener)
                 self._accept_resume = self.now + _ACCEPT_BACKOFF_S
@@ -479,7 +481,7 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.close(conn, f"read error: {exc.strerror or exc}")
+            self.close(conn, f"read error: {describe(exc)}")
             return
         if not size:
             self.close(conn, "peer closed the connection")
@@ -655,9 +657,7 @@ class Worker:
         mailbox = conn.mailbox
         if not store.is_known(mailbox):  # its identity's first connection (since a restart)
             if store.may_hold(mailbox):  # frames wait with a short life: extend them now
-                store.put(
-                    st.Request(op=lambda db, now: db.mark_known(mailbox), poster=None, fn=None)
-                )
+                store.submit(MarkKnown(None, None, mailbox))
             else:  # recorded within a second, in one batch with others: not a write each
                 store.note_known(mailbox)
         conn.fetching = True
@@ -731,7 +731,7 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self.close(conn, f"write error: {exc.strerror or exc}")
+                self.close(conn, f"write error: {describe(exc)}")
                 return
             if sent == len(data):
                 return
@@ -749,7 +749,7 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.close(conn, f"write error: {exc.strerror or exc}")
+            self.close(conn, f"write error: {describe(exc)}")
             return
         del conn.out[:sent]
         self.held_bytes -= sent
@@ -843,16 +843,8 @@ class Worker:
             self._unblock(conn, B_STORE)
 
     # --- store plumbing -----------------------------------------------------------------------
-    def store_request(
-        self,
-        op: Callable[[st.MailboxStore, int], Any],
-        fn: Callable[..., None] | None,
-        conn: Conn | None = None,
-        *,
-        mailbox: bytes | None = None,
-        size: int = 0,
-    ) -> None:
-        """Run ``op`` in the store thread; ``fn(result or None)`` here after COMMIT.
+    def store_request(self, request: Request[Any], conn: Conn) -> None:
+        """Submit ``request``; its reply runs here after COMMIT.
 
         ``conn``: the connection whose frame asked for it (on this worker). Its
         outstanding requests may cost ``MAX_CONN_STORE_COST`` (payload plus
@@ -860,13 +852,12 @@ class Worker:
         answered, so one client's flood of stored sends or acknowledgements waits in
         its own kernel buffer, not in the store's queue (which would stop everyone).
         """
-        if conn is not None:
-            cost = size + STORE_REQUEST_COST
-            conn.store_out += cost
-            if conn.store_out >= MAX_CONN_STORE_COST:
-                self._block(conn, B_CONN_STORE)
-            fn = self._counted(conn, fn, cost)
-        self.ctx.store.put(st.Request(op=op, poster=self, fn=fn, mailbox=mailbox, size=size))
+        cost = request.size + STORE_REQUEST_COST
+        conn.store_out += cost
+        if conn.store_out >= MAX_CONN_STORE_COST:
+            self._block(conn, B_CONN_STORE)
+        request.reply = self._counted(conn, request.reply, cost)
+        self.ctx.store.submit(request)
 
     def _counted(
         self, conn: Conn, fn: Callable[..., None] | None, cost: int
@@ -889,7 +880,7 @@ class Worker:
         *,
         force: bool,
         subs: list[Submission],
-        then: Callable[[int | None], None] | None = None,
+        then: Callable[[InsertResult | None], None] | None = None,
         conn: Conn | None = None,
     ) -> None:
         """Persist one copy; when committed, tell its submissions (and ``then``).
@@ -905,18 +896,7 @@ class Worker:
             if conn.store_out >= MAX_CONN_STORE_COST:
                 self._block(conn, B_CONN_STORE)
 
-        def op(store: st.MailboxStore, now: int) -> int:
-            return store.insert(
-                copy.mailbox,
-                copy.sender,
-                copy.msg_id,
-                copy.ts,
-                copy.payload,
-                force=force,
-                origin=origin,
-            )
-
-        def done(result: int | None) -> None:
+        def done(result: InsertResult | None) -> None:
             if conn is not None:
                 self._store_answered(conn, cost)
             outcome = insert_outcome(result)
@@ -925,7 +905,19 @@ class Worker:
             if then is not None:
                 then(result)
 
-        self.ctx.store.put(st.Request(op=op, poster=self, fn=done, mailbox=copy.mailbox, size=size))
+        self.ctx.store.submit(
+            Insert(
+                self,
+                done,
+                copy.mailbox,
+                copy.sender,
+                copy.msg_id,
+                copy.ts,
+                copy.payload,
+                force=force,
+                origin=origin,
+            )
+        )
 
     def request_fetch(self, conn: Conn) -> None:
         """Queue a fetch of the next stored rows for ``conn`` (called under the router lock
@@ -936,15 +928,12 @@ class Worker:
         conn.fetching = True
         conn.store_dirty = False
 
-        def op(store: st.MailboxStore, now: int) -> list[st.Row]:
-            return store.fetch(mailbox, after, FETCH_BATCH, now, FETCH_BYTES)
-
-        def done(rows: list[st.Row] | None) -> None:
+        def done(rows: list[Row] | None) -> None:
             self._fetched(conn, rows)
 
-        self.ctx.store.put(st.Request(op=op, poster=self, fn=done))
+        self.ctx.store.submit(Fetch(self, done, mailbox, after, FETCH_BATCH, FETCH_BYTES))
 
-    def _fetched(self, conn: Conn, rows: list[st.Row] | None) -> None:
+    def _fetched(self, conn: Conn, rows: list[Row] | None) -> None:
         conn.fetching = False
         if conn.state != OPEN:
             return
