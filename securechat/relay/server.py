@@ -164,7 +164,7 @@ class Relay:
         for mailbox in mailboxes:
             conn = online.get(mailbox)
             if conn is not None:
-                conn.worker.call_soon(conn.worker.new_rows, conn)
+                conn.loop.call_soon(conn.loop.delivery.new_rows, conn)
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -167,12 +167,6 @@ def _cycles() -> Iterator[list[str]]:
 
 # Cycles that exist today and are being removed (issue 14): this list only shrinks.
 KNOWN_CYCLES: list[list[str]] = [
-    [
-        "securechat.relay.handlers",
-        "securechat.relay.rendezvous",
-        "securechat.relay.router",
-        "securechat.relay.worker",
-    ],
     ["securechat.ui.screen", "securechat.ui.talk"],
 ]
 
