@@ -42,6 +42,7 @@ from enum import IntEnum
 from typing import Any, Final, Protocol
 
 from securechat.core import wire
+from securechat.core.encoding import fingerprint
 from securechat.core.noise import NoiseConnection
 from securechat.relay.limits import INITIAL_FRAME_ALLOWANCE, RelayConfig, TokenBucket
 
@@ -76,6 +77,12 @@ CLOSED: Final = ConnState.CLOSED
 SYNCING: Final = DeliveryMode.SYNCING
 STORE: Final = DeliveryMode.STORE
 LIVE: Final = DeliveryMode.LIVE
+
+# The message-3 payload a client may send: nothing (older clients) or its Ed25519 key.
+ED25519_KEY_SIZE: Final = 32
+# Log label of a client that did not send its signing key: its X25519 key's fingerprint,
+# which is NOT the identity fingerprint users compare (that one covers both keys).
+X25519_ONLY_LABEL: Final = "x25519-only:"
 
 # Why reading a connection is stopped (bits of Conn.blocks); read again when all clear.
 # Plain ints, not an IntFlag: they are tested on every read, and ``int & IntFlag`` runs
@@ -270,6 +277,21 @@ class Conn:
     def backlog(self) -> int:
         """Output not yet on the wire: ciphertext the kernel refused plus this turn's frames."""
         return len(self.out) + self.pending_size
+
+    def authenticate(self, identity: bytes, claim: bytes) -> bool:
+        """The handshake completed with ``identity`` and the message-3 payload ``claim``:
+        OPEN; False (and still HANDSHAKE) when the claim is neither empty nor a key."""
+        if len(claim) not in (0, ED25519_KEY_SIZE):
+            return False
+        self.enter(OPEN)
+        self.identity = identity
+        self.mailbox = wire.mailbox_address(identity)
+        # The identity fingerprint users see covers both keys; only the owner of the
+        # X25519 key can send this claim, and a false one only changes its own log line.
+        self.fp = (
+            fingerprint(identity + claim) if claim else X25519_ONLY_LABEL + fingerprint(identity)
+        )
+        return True
 
     def enter(self, state: ConnState) -> None:
         """Move to ``state``; a move outside ``CONN_TRANSITIONS`` is a bug."""

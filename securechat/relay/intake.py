@@ -20,6 +20,10 @@ to stop and resume reading a connection (``Loop.block`` / ``unblock`` with a
   payload plus ``STORE_REQUEST_COST`` until answered; at ``MAX_CONN_STORE_COST``
   outstanding it is not read until half is answered (``B_CONN_STORE``), so one
   flooding sender waits in its own kernel buffer, not in the store's queue.
+* **Deadlines.** A handshake must finish within ``--handshake-timeout``; an open
+  connection that sends nothing for ``--idle-timeout`` is closed, and so is one
+  that started a frame and did not finish it within ``--frame-timeout``, except
+  while the relay is the one not reading it (``UNREAD``).
 * **Partial frames.** What a connection makes the relay hold (a partial Noise
   record or frame, frames undecoded or held) counts against the per-prefix and
   global budgets of ``guard.PartialBytes``: over its prefix's it is closed; over
@@ -28,18 +32,30 @@ to stop and resume reading a connection (``Loop.block`` / ``unblock`` with a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from securechat.core import wire
 from securechat.errors import FrameError, FrameTooLargeError
-from securechat.relay.conn import B_BACKLOG, B_CONN_STORE, B_DEBT, B_HOLD, CLOSED, OPEN, Conn, Loop
+from securechat.relay.conn import (
+    B_BACKLOG,
+    B_CONN_STORE,
+    B_DEBT,
+    B_HOLD,
+    CLOSED,
+    HANDSHAKE,
+    OPEN,
+    UNREAD,
+    Conn,
+    Loop,
+)
 from securechat.relay.guard import PartialBytes
 from securechat.relay.limits import (
     DECODE_LIMIT,
     HOLD_MAX_S,
     MAX_CONN_STORE_COST,
     STORE_REQUEST_COST,
+    RelayConfig,
 )
 from securechat.relay.mailboxes import Mailboxes, Request
 
@@ -50,8 +66,11 @@ Handler: TypeAlias = Callable[[Conn, Any], Wait]
 class Intake:
     """Decoding, frame budgets, holds and partial-frame accounting for one loop."""
 
-    def __init__(self, loop: Loop, store: Mailboxes, partial: PartialBytes[Conn]) -> None:
+    def __init__(
+        self, loop: Loop, config: RelayConfig, store: Mailboxes, partial: PartialBytes[Conn]
+    ) -> None:
         self.loop = loop
+        self.config = config
         self.store = store
         self.partial = partial
         self.handlers: dict[type, Handler] = {}  # frame type -> rule (delivery, services)
@@ -181,6 +200,22 @@ class Intake:
         conn.store_out -= cost
         if conn.blocks & B_CONN_STORE and conn.store_out <= MAX_CONN_STORE_COST // 2:
             self.loop.unblock(conn, B_CONN_STORE)
+
+    # --- deadlines --------------------------------------------------------------------------------
+    def overdue(self, now: float, conns: Iterable[Conn]) -> list[tuple[Conn, str]]:
+        """The connections past a deadline, and why (checked once a second)."""
+        cfg = self.config
+        late = []
+        for conn in conns:
+            if conn.state == HANDSHAKE and now > conn.deadline:
+                late.append((conn, "handshake timeout"))
+            elif conn.blocks & UNREAD:
+                continue  # we are the ones not reading it: neither idle nor slow
+            elif conn.state == OPEN and now - conn.last_rx > cfg.idle_timeout:
+                late.append((conn, "idle timeout"))
+            elif conn in self.partials and now - conn.frame_at > cfg.frame_timeout:
+                late.append((conn, "frame not completed in time"))
+        return late
 
     # --- memory held for partial frames -----------------------------------------------------------
     def account(self, conn: Conn) -> None:

@@ -36,11 +36,12 @@ from securechat.core.encoding import fingerprint
 from securechat.errors import InUseError, StorageError, TransportError, UsageError
 from securechat.relay import keyfile, limits
 from securechat.relay import store as st
+from securechat.relay.context import RelayContext
 from securechat.relay.limits import LISTEN_BACKLOG, RelayConfig
 from securechat.relay.oserrors import describe, map_exceptions
 from securechat.relay.router import Router
 from securechat.relay.store_thread import StoreThread
-from securechat.relay.worker import RelayContext, Worker
+from securechat.relay.worker import Worker
 
 log = logging.getLogger("securechat.relay")
 

@@ -26,24 +26,21 @@ import selectors
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
 from securechat.core import wire
-from securechat.core.encoding import fingerprint
 from securechat.core.noise import HandshakeComplete, NoiseConnection
 from securechat.errors import ProtocolError, SecureChatError
-from securechat.relay.conn import B_OUT, B_STORE, CLOSED, HANDSHAKE, OPEN, UNREAD, Conn
+from securechat.relay.calls import Calls
+from securechat.relay.conn import B_OUT, B_STORE, CLOSED, HANDSHAKE, OPEN, Conn
+from securechat.relay.context import RelayContext
 from securechat.relay.delivery import Delivery
-from securechat.relay.guard import Admission, Budgets, PartialBytes, prefix_of
+from securechat.relay.guard import prefix_of
 from securechat.relay.intake import Intake
-from securechat.relay.limits import OUT_HARD_LIMIT, RECV_SIZE, TICK_S, RelayConfig
+from securechat.relay.limits import OUT_HARD_LIMIT, RECV_SIZE, TICK_S
 from securechat.relay.oserrors import describe
-from securechat.relay.rendezvous import Rendezvous
-from securechat.relay.router import Router
 from securechat.relay.services import Services
-from securechat.relay.store_thread import StoreThread
 
 log = logging.getLogger("securechat.relay")
 
@@ -55,31 +52,6 @@ _ACCEPT_BACKOFF_S: Final = 0.05  # after accept failed (e.g. out of descriptors)
 _LISTENER: Final = object()  # selector data of the listening socket
 _INFLIGHT_CHECK_S: Final = 0.05  # resolution of the ack timeout (seconds)
 
-# The message-3 payload a client may send: nothing (older clients) or its Ed25519 key.
-ED25519_KEY_SIZE: Final = 32
-# Log label of a client that did not send its signing key: its X25519 key's fingerprint,
-# which is NOT the identity fingerprint users compare (that one covers both keys).
-X25519_ONLY_LABEL: Final = "x25519-only:"
-
-
-class RelayContext:
-    """What every worker shares: configuration, routing table, store, relay key, budgets."""
-
-    def __init__(
-        self, config: RelayConfig, router: Router, store: StoreThread, static_private: bytes
-    ) -> None:
-        self.config = config
-        self.router = router
-        self.store = store
-        self.static_private = static_private
-        self.admission: Admission[Conn] = Admission(config)
-        self.budgets = Budgets(config)
-        self.partial: PartialBytes[Conn] = PartialBytes(
-            config.partial_bytes, config.partial_bytes_per_prefix
-        )
-        self.rendezvous: Rendezvous[Conn] = Rendezvous(config)  # invites
-        self.listener: socket.socket | None = None  # set by the relay before workers start
-
 
 class Worker:
     """A selector loop owning a set of connections (the ``conn.Loop`` of their rules)."""
@@ -88,19 +60,13 @@ class Worker:
         self.index = index
         self.ctx = ctx
         self.sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.sel.register(self._wake_r, _READ, None)
+        self._calls = Calls()  # what other threads post here
+        self.sel.register(self._calls.wake, _READ, None)
         self._accept_resume = 0.0  # when a paused listener is watched again (0: not paused)
-        self._queue: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
-        self._local: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
-        self._signaled = False
         self._dirty: list[Conn] = []
         self.conns: set[Conn] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"relay-io-{index}", daemon=True)
-        self._tid = 0
         self.now = time.monotonic()
         self.now_ms = int(time.time() * 1000)  # wall clock per loop turn: frame timestamps
         self._next_slow = 0.0
@@ -116,7 +82,7 @@ class Worker:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         # The rules of its connections (no I/O), fed by this loop.
-        self.intake = Intake(self, ctx.store, ctx.partial)
+        self.intake = Intake(self, ctx.config, ctx.store, ctx.partial)
         self.services = Services(
             self, self.intake, ctx.router, ctx.store, ctx.budgets, ctx.rendezvous
         )
@@ -135,25 +101,19 @@ class Worker:
         self._thread.join(timeout)
 
     def on_own_thread(self) -> bool:
-        return threading.get_ident() == self._tid
+        return threading.get_ident() == self._calls.owner
 
     def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on this worker's thread (soon, in posting order)."""
-        if threading.get_ident() == self._tid:
-            self._local.append((fn, args))
-            return
-        self._queue.append((fn, args))
-        if not self._signaled:
-            self._signaled = True
-            with contextlib.suppress(BlockingIOError, OSError):
-                self._wake_w.send(b"\0")
+        self._calls.post(fn, args)
 
     # --- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
-        self._tid = threading.get_ident()
+        calls = self._calls
+        calls.owner = threading.get_ident()
         intake = self.intake
         while True:
-            timeout = 0.0 if (self._local or self._queue or intake.backlog) else TICK_S
+            timeout = 0.0 if (calls or intake.backlog) else TICK_S
             try:
                 events = self.sel.select(timeout)
             except OSError as exc:  # pragma: no cover - selector broken: nothing sane left
@@ -165,7 +125,7 @@ class Worker:
             for key, mask in events:
                 conn = key.data
                 if conn is None:
-                    self._drain_wakeups()
+                    calls.woken()
                     continue
                 if conn is _LISTENER:
                     self._accept()
@@ -181,7 +141,7 @@ class Worker:
                 for conn in intake.backlogged():  # the next share of what they sent
                     self._guard(conn, intake.feed, conn, b"")
                     intake.account(conn)
-            self._run_callbacks()
+            calls.run(self._guard_call)
             self._timers()
             self._flush_dirty()
             if self._stopping:
@@ -199,24 +159,8 @@ class Worker:
         if conn is not None and conn.state != CLOSED:
             self.close(conn, "internal error")
 
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _run_callbacks(self) -> None:
-        self._signaled = False
-        for _ in range(2):
-            queue = self._queue
-            while queue:
-                fn, args = queue.popleft()
-                self._guard(None, fn, *args)
-            local = self._local
-            while local:
-                fn, args = local.popleft()
-                self._guard(None, fn, *args)
+    def _guard_call(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self._guard(None, fn, *args)
 
     # --- accepting and closing ----------------------------------------------------------------
     def _accept(self) -> None:
@@ -357,20 +301,10 @@ class Worker:
 
     def _authenticated(self, conn: Conn, event: HandshakeComplete) -> bool:
         """The handshake is complete: open the connection (True), or close it (False)."""
-        identity = event.remote_static
-        claim = event.payload
-        if len(claim) not in (0, ED25519_KEY_SIZE):
+        if not conn.authenticate(event.remote_static, event.payload):
             self.close(conn, "handshake payload must be empty or a 32-byte Ed25519 key")
             return False
         self.ctx.admission.handshake_done(conn)
-        conn.enter(OPEN)
-        conn.identity = identity
-        conn.mailbox = wire.mailbox_address(identity)
-        # The identity fingerprint users see covers both keys; only the owner of the
-        # X25519 key can send this claim, and a false one only changes its own log line.
-        conn.fp = (
-            fingerprint(identity + claim) if claim else X25519_ONLY_LABEL + fingerprint(identity)
-        )
         log.info("authenticated %s from %s", conn.fp, conn.addr)
         self.delivery.opened(conn)
         return conn.state == OPEN
@@ -494,16 +428,5 @@ class Worker:
             return
         self._next_slow = now + _SLOW_TIMERS_S
         self.services.tick(now)  # invites past their time to live (no timer per invite)
-        cfg = self.ctx.config
-        for conn in list(self.conns):
-            if conn.state == HANDSHAKE and now > conn.deadline:
-                self.close(conn, "handshake timeout")
-            elif (
-                conn.state == OPEN
-                and now - conn.last_rx > cfg.idle_timeout
-                and not conn.blocks & UNREAD
-            ):
-                self.close(conn, "idle timeout")
-        for conn in list(intake.partials):  # a frame started must finish in time
-            if now - conn.frame_at > cfg.frame_timeout and not conn.blocks & UNREAD:
-                self.close(conn, "frame not completed in time")  # (not while we hold it)
+        for conn, reason in intake.overdue(now, self.conns):
+            self.close(conn, reason)
