@@ -79,14 +79,14 @@ class Services:
             wire.InviteData: self.on_invite_data,
         }
 
-    def _charge(self, kind: str, conn: Conn, cost: float) -> float:
+    def _charge(self, kind: guard.Budget, conn: Conn, cost: float) -> float:
         assert conn.identity is not None
         return self.budgets.charge(kind, conn.identity, conn.prefix, cost, self.loop.now)
 
     # --- prekeys -------------------------------------------------------------------------------
     def on_publish(self, conn: Conn, f: wire.PublishPrekeys) -> Wait:
         assert conn.identity is not None
-        wait = self._charge(guard.PUBLISH, conn, 1.0)
+        wait = self._charge(guard.Budget.PUBLISH, conn, 1.0)
         if wait:
             return wait
         loop = self.loop
@@ -106,7 +106,7 @@ class Services:
         return None
 
     def on_fetch_prekeys(self, conn: Conn, f: wire.FetchPrekeys) -> Wait:
-        wait = self._charge(guard.FETCH, conn, 1.0)
+        wait = self._charge(guard.Budget.FETCH, conn, 1.0)
         if wait:
             return wait
         target = f.identity_key
@@ -140,7 +140,7 @@ class Services:
     # --- presence and keep-alive ---------------------------------------------------------------
     def on_subscribe(self, conn: Conn, f: wire.PresenceSubscribe) -> Wait:
         cost = 1.0 + len(f.identity_keys) // SUBSCRIBE_KEYS_PER_COST
-        wait = self._charge(guard.SUBSCRIBE, conn, cost)
+        wait = self._charge(guard.Budget.SUBSCRIBE, conn, cost)
         if wait:
             return wait
         new = frozenset(f.identity_keys)
@@ -176,7 +176,7 @@ class Services:
         return None
 
     def on_invite_join(self, conn: Conn, f: wire.InviteJoin) -> Wait:
-        wait = self._charge(guard.JOIN, conn, 1.0)
+        wait = self._charge(guard.Budget.JOIN, conn, 1.0)
         if wait:
             return wait  # over budget: held (and nothing more read from it) until it allows
         self._send(self.rendezvous.join(conn, f.nameplate))
