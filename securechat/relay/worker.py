@@ -2,9 +2,9 @@
 
 Only the loop lives here: read, feed, write. Per turn a worker reads every
 readable socket once (one large ``recv_into``), feeds the bytes to the
-connection's Noise state and its intake (``intake.py``: decoding, budgets,
-holds), which hands each complete frame to the rules (``delivery.py``,
-``services.py``); it runs the callbacks other threads posted, the timers, and
+connection's Noise state and then to its rules (``rules.py``: the intake
+decodes and charges, and hands each complete frame to delivery's rule or the
+other services'); it runs the callbacks other threads posted, the timers, and
 finally encrypts *all* output the rules queued for a connection during the
 turn with one ``NoiseConnection.send`` and writes it with one ``send`` (write
 coalescing). What a connection is and its states: ``conn.py``.
@@ -35,22 +35,18 @@ from securechat.errors import ProtocolError, SecureChatError
 from securechat.relay.calls import Calls
 from securechat.relay.conn import B_OUT, B_STORE, CLOSED, HANDSHAKE, OPEN, Conn
 from securechat.relay.context import RelayContext
-from securechat.relay.delivery import Delivery
 from securechat.relay.guard import prefix_of
-from securechat.relay.intake import Intake
 from securechat.relay.limits import OUT_HARD_LIMIT, RECV_SIZE, TICK_S
 from securechat.relay.oserrors import describe
-from securechat.relay.services import Services
+from securechat.relay.rules import Rules
 
 log = logging.getLogger("securechat.relay")
 
 _READ: Final = selectors.EVENT_READ
 _WRITE: Final = selectors.EVENT_WRITE
-_SLOW_TIMERS_S: Final = 1.0
 _ACCEPT_BATCH: Final = 64  # connections accepted per listener event (then serve the others)
 _ACCEPT_BACKOFF_S: Final = 0.05  # after accept failed (e.g. out of descriptors): do not spin
 _LISTENER: Final = object()  # selector data of the listening socket
-_INFLIGHT_CHECK_S: Final = 0.05  # resolution of the ack timeout (seconds)
 
 
 class Worker:
@@ -69,8 +65,6 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=f"relay-io-{index}", daemon=True)
         self.now = time.monotonic()
         self.now_ms = int(time.time() * 1000)  # wall clock per loop turn: frame timestamps
-        self._next_slow = 0.0
-        self._next_inflight = 0.0
         self.turns = 0  # loop turns so far
         # Ciphertext the kernel did not take yet, over all connections: above
         # ``worker_high_water`` new copies go to the store instead, so a burst to many
@@ -82,14 +76,10 @@ class Worker:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         # The rules of its connections (no I/O), fed by this loop.
-        self.intake = Intake(self, ctx.config, ctx.store, ctx.partial)
-        self.services = Services(
-            self, self.intake, ctx.router, ctx.store, ctx.budgets, ctx.rendezvous
+        rules = Rules(
+            self, ctx.config, ctx.router, ctx.store, ctx.budgets, ctx.rendezvous, ctx.partial
         )
-        self.delivery = Delivery(
-            self, self.intake, ctx.router, ctx.store, ctx.config, self.services
-        )
-        self.intake.handlers = {**self.delivery.handlers(), **self.services.handlers()}
+        self.rules, self.intake, self.delivery = rules, rules.intake, rules.delivery
 
     # --- cross-thread interface --------------------------------------------------------------
     def start(self) -> None:
@@ -138,9 +128,7 @@ class Worker:
                 except Exception:
                     self._internal_error(conn)
             if intake.backlog:
-                for conn in intake.backlogged():  # the next share of what they sent
-                    self._guard(conn, intake.feed, conn, b"")
-                    intake.account(conn)
+                self.rules.backlog(self._guard)
             calls.run(self._guard_call)
             self._timers()
             self._flush_dirty()
@@ -407,7 +395,6 @@ class Worker:
     # --- timers -------------------------------------------------------------------------------
     def _timers(self) -> None:
         now = self.now
-        intake = self.intake
         if self._accept_resume and now >= self._accept_resume and not self._stopping:
             self._accept_resume = 0.0
             assert self.ctx.listener is not None
@@ -416,17 +403,4 @@ class Worker:
             paused, self.paused = self.paused, set()
             for conn in paused:
                 self.unblock(conn, B_STORE)
-        for conn in intake.due_holds(now) if intake.held else ():
-            self._guard(conn, intake.resume, conn)
-            intake.account(conn)
-        if intake.indebted:
-            intake.release_debts(now)
-        if now >= self._next_inflight:  # ack deadlines are seconds: no need to look every turn
-            self._next_inflight = now + _INFLIGHT_CHECK_S
-            self.delivery.expire(now)
-        if now < self._next_slow:
-            return
-        self._next_slow = now + _SLOW_TIMERS_S
-        self.services.tick(now)  # invites past their time to live (no timer per invite)
-        for conn, reason in intake.overdue(now, self.conns):
-            self.close(conn, reason)
+        self.rules.timers(now, self.conns, self._guard)
