@@ -61,7 +61,6 @@ from securechat.relay.conn import (
     Conn,
     Copy,
     Inflight,
-    Loop,
     Submission,
 )
 from securechat.relay.intake import Intake, Wait
@@ -72,14 +71,12 @@ from securechat.relay.limits import (
     MAX_CONN_STORE_COST,
     MAX_INFLIGHT,
     STORE_REQUEST_COST,
-    RelayConfig,
 )
 from securechat.relay.mailboxes import (
     Delete,
     Fetch,
     Insert,
     InsertResult,
-    Mailboxes,
     MarkKnown,
     Row,
 )
@@ -96,20 +93,13 @@ STALL_TURNS: Final = 3  # ... and this many loop turns, nothing read since: stal
 class Delivery:
     """The delivery rules for the connections of one loop; see the module docstring."""
 
-    def __init__(
-        self,
-        loop: Loop,
-        intake: Intake,
-        router: Router,
-        store: Mailboxes,
-        config: RelayConfig,
-        services: Services,
-    ) -> None:
-        self.loop = loop
+    def __init__(self, intake: Intake, router: Router, services: Services) -> None:
+        # The loop, store and config are the intake's: one place says whose they are.
+        self.loop = intake.loop
         self.intake = intake
         self.router = router
-        self.store = store
-        self.config = config
+        self.store = intake.store
+        self.config = intake.config
         self.services = services
         # Payload of live deliveries awaiting their Ack, over all of the loop's connections
         # (bounded by worker_inflight_high_water, see ``stalled``).

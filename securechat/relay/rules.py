@@ -44,8 +44,8 @@ class Rules:
     ) -> None:
         self.loop = loop
         self.intake = Intake(loop, config, store, partial)
-        self.services = Services(loop, self.intake, router, store, budgets, rendezvous)
-        self.delivery = Delivery(loop, self.intake, router, store, config, self.services)
+        self.services = Services(self.intake, router, budgets, rendezvous)
+        self.delivery = Delivery(self.intake, router, self.services)
         self.intake.handlers = {**self.delivery.handlers(), **self.services.handlers()}
         self._next_inflight = 0.0
         self._next_slow = 0.0
