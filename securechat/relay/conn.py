@@ -278,6 +278,15 @@ class Conn:
         """Output not yet on the wire: ciphertext the kernel refused plus this turn's frames."""
         return len(self.out) + self.pending_size
 
+    def drop_output(self) -> int:
+        """Closed: forget its output (nothing more is written); the ciphertext bytes
+        the kernel had refused, which the loop counted as held."""
+        held = len(self.out)
+        self.pending.clear()
+        self.pending_size = 0
+        self.out = bytearray()
+        return held
+
     def authenticate(self, identity: bytes, claim: bytes) -> bool:
         """The handshake completed with ``identity`` and the message-3 payload ``claim``:
         OPEN; False (and still HANDSHAKE) when the claim is neither empty nor a key."""

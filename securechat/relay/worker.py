@@ -12,7 +12,7 @@ coalescing). What a connection is and its states: ``conn.py``.
 Reading a connection stops while any ``B_*`` reason of ``conn.py`` holds (its
 bytes wait in the kernel): this loop sets ``B_OUT`` (output above the
 high-water mark) and ``B_STORE`` (the store's queue is too long); the intake
-the others. Exceptions while handling one connection close that connection,
+sets the others. Exceptions while handling one connection close that connection,
 never the worker; ``OSError`` on a socket closes that connection with
 ``oserrors.describe`` as the reason.
 """
@@ -76,10 +76,8 @@ class Worker:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         # The rules of its connections (no I/O), fed by this loop.
-        rules = Rules(
-            self, ctx.config, ctx.router, ctx.store, ctx.budgets, ctx.rendezvous, ctx.partial
-        )
-        self.rules, self.intake, self.delivery = rules, rules.intake, rules.delivery
+        rules = self.rules = Rules(self, ctx)
+        self.intake, self.delivery = rules.intake, rules.delivery
 
     # --- cross-thread interface --------------------------------------------------------------
     def start(self) -> None:
@@ -224,10 +222,7 @@ class Worker:
         self.paused.discard(conn)
         self.intake.forget(conn)
         self.ctx.admission.release(conn, conn.ip, conn.prefix)
-        self.held_bytes -= len(conn.out)
-        conn.pending.clear()
-        conn.pending_size = 0
-        conn.out = bytearray()
+        self.held_bytes -= conn.drop_output()
         if was_open:
             log.info("disconnected %s: %s", conn.fp, reason)
             self.delivery.closed(conn)
