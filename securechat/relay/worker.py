@@ -100,6 +100,7 @@ class Worker:
         calls = self._calls
         calls.owner = threading.get_ident()
         intake = self.intake
+        guard, guard_call = self._guard, self._guard_call  # bound once, not an object per turn
         while True:
             timeout = 0.0 if (calls or intake.backlog) else TICK_S
             try:
@@ -126,9 +127,9 @@ class Worker:
                 except Exception:
                     self._internal_error(conn)
             if intake.backlog:
-                self.rules.backlog(self._guard)
-            calls.run(self._guard_call)
-            self._timers()
+                self.rules.backlog(guard)
+            calls.run(guard_call)
+            self._timers(guard)
             self._flush_dirty()
             if self._stopping:
                 break
@@ -388,7 +389,7 @@ class Worker:
             self.sel.register(conn.sock, events, conn)
 
     # --- timers -------------------------------------------------------------------------------
-    def _timers(self) -> None:
+    def _timers(self, guard: Callable[..., None]) -> None:
         now = self.now
         if self._accept_resume and now >= self._accept_resume and not self._stopping:
             self._accept_resume = 0.0
@@ -398,4 +399,4 @@ class Worker:
             paused, self.paused = self.paused, set()
             for conn in paused:
                 self.unblock(conn, B_STORE)
-        self.rules.timers(now, self.conns, self._guard)
+        self.rules.timers(now, self.conns, guard)
