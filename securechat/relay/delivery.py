@@ -43,7 +43,7 @@ than returned lists of actions (h11 returns events): Send -> Deliver -> Ack runs
 tens of thousands of times a second, and a list and an action object per frame
 are allocations the loop then pays for in garbage collection; a call on a port
 allocates nothing, and a test's port records the same actions
-(``tests/unit/test_relay_delivery.py``).
+(``tests/unit/test_relay_delivery_rules.py``).
 """
 
 from __future__ import annotations
