@@ -48,12 +48,16 @@ from securechat.relay.limits import INITIAL_FRAME_ALLOWANCE, RelayConfig, TokenB
 
 
 class ConnState(IntEnum):
+    """Where a connection is in its life (transitions: ``CONN_TRANSITIONS``, module docstring)."""
+
     HANDSHAKE = 0
     OPEN = 1
     CLOSED = 2
 
 
 class DeliveryMode(IntEnum):
+    """How new copies reach an OPEN recipient: through the store in order, or live."""
+
     SYNCING = 0
     STORE = 1
     LIVE = 2
