@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from securechat.core import wire
-from securechat.relay.store import KNOWN_FLUSH_S
+from securechat.relay.store_thread import KNOWN_FLUSH_S
 
 from relayclient import RelayClient, RelayProcess, new_identity
 
