@@ -30,7 +30,7 @@ from securechat.client.peers import KnownPeers
 from securechat.client.relays import KnownRelays
 from securechat.client.store import ClientStore
 from securechat.core import dh, keys, wire
-from securechat.core.invite import Event, InviteSession, PeerVerified, Role
+from securechat.core.invite import Event, InviteSession, PeerVerified, Role, State
 from securechat.errors import (
     DeliveryTimeoutError,
     InviteFailedError,
@@ -119,6 +119,13 @@ _ANOTHER_NAME: Final = f"{_NEW_CODE} and run again with --as ANOTHER_NAME"
 
 
 def _timed_out(session: InviteSession, timeout: float) -> DeliveryTimeoutError:
+    if session.role is Role.OPENER and session.state is State.KEYED:
+        return DeliveryTimeoutError(
+            f"someone joined invite {session.code} but never proved the code within "
+            f"{timeout:g}s; nothing was recorded",
+            hint="run 'securechat invite' again for a new code; if your friend did not join, "
+            "someone may have tried to intercept it",
+        )
     if session.role is Role.OPENER:
         return DeliveryTimeoutError(
             f"nobody accepted invite {session.code} within {timeout:g}s; it is closed now",

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from securechat.core import wire
 from securechat.core.encoding import decode_token
+from securechat.core.invite import session as invite
 from securechat.core.invite import words
+from spake2 import SPAKE2_Symmetric
 
 from cli_output import error_text
 from conftest import run_cli
@@ -144,13 +146,43 @@ def test_someone_joining_first_burns_the_invite_visibly(
         mallory.send_frames([wire.InviteJoin(plate), wire.Ping(1)])
         mallory.recv_until(lambda f: isinstance(f, wire.Pong))  # the join is in
         accepted = run_cli(bob, "accept", inviter.code, "--relay", relay.address)
-        guess = b"\x01\x01S" + os.urandom(32)  # (a random point: its guess of the code)
-        mallory.send_frame(wire.InviteData(plate, guess))
+        # Mallory plays SPAKE2 with its guess of the code (a well-formed element, so the
+        # inviter derives a key), then sends a line it cannot seal under the real key.
+        # (Random bytes as the element were rejected at once ~15/16 of the time and, when
+        # they happened to decode, left the inviter waiting for a line: a flaky test.)
+        guess = SPAKE2_Symmetric(b"wrong-guess", idSymmetric=invite.SPAKE2_ID).start()
+        mallory.send_frame(
+            wire.InviteData(plate, bytes([invite.VERSION, invite.KIND_PAKE]) + guess)
+        )
+        line = bytes([invite.VERSION, invite.KIND_IDENTITY])
+        line += os.urandom(invite.IDENTITY_PAYLOAD_SIZE - len(line))
+        mallory.send_frame(wire.InviteData(plate, line))
         code, _, err = inviter.finish()
     assert accepted.returncode == EXIT_RELAY and "already used" in accepted.stderr
     assert code == EXIT_AUTH and "wrong code, or someone tampered" in err
     assert "intercept" in err
     assert not (alice / "bob.pub").exists() and not (bob / "alice.pub").exists()
+
+
+def test_a_joiner_who_never_proves_the_code_is_named_at_the_timeout(
+    homes: tuple[Path, Path], relay: Relay
+) -> None:
+    """Someone joins with a well-formed guess and goes silent: the inviter's time-out says
+    that someone joined and failed to prove the code, not that nobody came."""
+    inviter = start_invite(homes[0], relay.address, "--timeout", "2")
+    plate = int(inviter.code.split("-")[0])
+    relay_key = decode_token(relay.public_key_file.read_text().strip(), "screlay1", 32)
+    host, port = relay.address.rsplit(":", 1)
+    with RelayClient.connect(
+        host, int(port), new_identity()[0], relay_key, source="127.80.0.1"
+    ) as mallory:
+        guess = SPAKE2_Symmetric(b"wrong-guess", idSymmetric=invite.SPAKE2_ID).start()
+        header = bytes([invite.VERSION, invite.KIND_PAKE])
+        mallory.send_frames([wire.InviteJoin(plate), wire.InviteData(plate, header + guess)])
+        code, _, err = inviter.finish()
+    assert code == EXIT_TIMEOUT
+    assert "never proved the code" in err and "nobody accepted" not in err
+    assert not (homes[0] / "bob.pub").exists()
 
 
 def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: Relay) -> None:
