@@ -12,7 +12,7 @@ import pexpect
 import pytest
 
 from cli_output import error_text
-from conftest import cli_env, run_cli
+from relay_fixture import cli_env, run_cli
 
 
 def _keygen(home: Path, name: str, *extra: str, **env: str) -> None:

@@ -21,9 +21,8 @@ from securechat.core.invite import words
 from spake2 import SPAKE2_Symmetric
 
 from cli_output import error_text
-from conftest import run_cli
 from invite_fakerelay import TamperingRelay
-from relay_fixture import Relay, keygen, spawn
+from relay_fixture import RelayProcess, keygen, run_cli, spawn
 from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,8 +70,8 @@ def homes(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def fast_ttl_relay(tmp_path: Path) -> Iterator[Relay]:
-    server = Relay.start(tmp_path / "relay-ttl", extra=["--invite-ttl", "2"])
+def fast_ttl_relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    server = RelayProcess.start(tmp_path / "relay-ttl", "--invite-ttl", "2")
     yield server
     server.stop()
 
@@ -82,7 +81,7 @@ def public_line(home: Path, name: str) -> str:
 
 
 def test_right_code_both_trust_each_other_and_talk_at_once(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
@@ -102,7 +101,7 @@ def test_right_code_both_trust_each_other_and_talk_at_once(
 
 
 def test_a_wrong_code_fails_clearly_on_both_sides_and_records_nothing(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
@@ -121,7 +120,7 @@ def test_a_wrong_code_fails_clearly_on_both_sides_and_records_nothing(
     assert "no open invite" in again.stderr
 
 
-def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: Relay) -> None:
+def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: RelayProcess) -> None:
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
     assert run_cli(bob, "accept", inviter.code, "--relay", relay.address).returncode == 0
@@ -131,7 +130,7 @@ def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: Relay) -> Non
 
 
 def test_someone_joining_first_burns_the_invite_visibly(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     """An eavesdropper who guesses the number joins first: the inviter sees a wrong code,
     the real accepter sees that the invite was already used, nobody records anything."""
@@ -165,7 +164,7 @@ def test_someone_joining_first_burns_the_invite_visibly(
 
 
 def test_a_joiner_who_never_proves_the_code_is_named_at_the_timeout(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     """Someone joins with a well-formed guess and goes silent: the inviter's time-out says
     that someone joined and failed to prove the code, not that nobody came."""
@@ -185,7 +184,7 @@ def test_a_joiner_who_never_proves_the_code_is_named_at_the_timeout(
     assert not (homes[0] / "bob.pub").exists()
 
 
-def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: Relay) -> None:
+def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: RelayProcess) -> None:
     alice, bob = homes
     inviter = start_invite(alice, fast_ttl_relay.address)
     code, _, err = inviter.finish()
@@ -194,7 +193,7 @@ def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: Relay) -> Non
     assert late.returncode == EXIT_RELAY and "no open invite" in late.stderr
 
 
-def test_nobody_accepts_within_the_timeout(homes: tuple[Path, Path], relay: Relay) -> None:
+def test_nobody_accepts_within_the_timeout(homes: tuple[Path, Path], relay: RelayProcess) -> None:
     t0 = time.monotonic()
     inviter = start_invite(homes[0], relay.address, "--timeout", "1")
     code, _, err = inviter.finish()
@@ -255,7 +254,7 @@ def test_an_honest_double_passes(homes: tuple[Path, Path]) -> None:
 
 
 def test_a_name_already_taken_is_refused_then_as_picks_another(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     alice, bob = homes
     keygen(bob.parent / "other", "alice")  # another "alice" bob knew before

@@ -12,7 +12,7 @@ from securechat.client.app import open_client
 from securechat.client.events import Event, MessageEvent
 from securechat.core import keys, wire
 
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess
 
 
 @pytest.fixture
