@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from securechat.core import wire
-from securechat.core.encoding import decode_token
 from securechat.core.invite import session as invite
 from securechat.core.invite import words
 from spake2 import SPAKE2_Symmetric
@@ -129,6 +128,20 @@ def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: RelayProcess)
     assert again.returncode == EXIT_RELAY and "no open invite" in again.stderr
 
 
+def mallory(relay: RelayProcess) -> RelayClient:
+    """A throwaway identity from another network, connected to ``relay``."""
+    return relay.connect(new_identity()[0], source="127.80.0.1")
+
+
+def wrong_guess(plate: int) -> wire.InviteData:
+    """A PAKE message for a wrong code: a well-formed element, so the inviter derives a key.
+
+    (Random bytes as the element were rejected at once ~15/16 of the time and, when they
+    happened to decode, left the inviter waiting for a line: a flaky test.)"""
+    guess = SPAKE2_Symmetric(b"wrong-guess", idSymmetric=invite.SPAKE2_ID).start()
+    return wire.InviteData(plate, bytes([invite.VERSION, invite.KIND_PAKE]) + guess)
+
+
 def test_someone_joining_first_burns_the_invite_visibly(
     homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
@@ -137,25 +150,13 @@ def test_someone_joining_first_burns_the_invite_visibly(
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
     plate = int(inviter.code.split("-")[0])
-    relay_key = decode_token(relay.public_key_file.read_text().strip(), "screlay1", 32)
-    host, port = relay.address.rsplit(":", 1)
-    with RelayClient.connect(
-        host, int(port), new_identity()[0], relay_key, source="127.80.0.1"
-    ) as mallory:
-        mallory.send_frames([wire.InviteJoin(plate), wire.Ping(1)])
-        mallory.recv_until(lambda f: isinstance(f, wire.Pong))  # the join is in
+    with mallory(relay) as eve:
+        eve.send_frames([wire.InviteJoin(plate), wire.Ping(1)])
+        eve.recv_until(lambda f: isinstance(f, wire.Pong))  # the join is in
         accepted = run_cli(bob, "accept", inviter.code, "--relay", relay.address)
-        # Mallory plays SPAKE2 with its guess of the code (a well-formed element, so the
-        # inviter derives a key), then sends a line it cannot seal under the real key.
-        # (Random bytes as the element were rejected at once ~15/16 of the time and, when
-        # they happened to decode, left the inviter waiting for a line: a flaky test.)
-        guess = SPAKE2_Symmetric(b"wrong-guess", idSymmetric=invite.SPAKE2_ID).start()
-        mallory.send_frame(
-            wire.InviteData(plate, bytes([invite.VERSION, invite.KIND_PAKE]) + guess)
-        )
-        line = bytes([invite.VERSION, invite.KIND_IDENTITY])
+        line = bytes([invite.VERSION, invite.KIND_IDENTITY])  # a line it cannot seal
         line += os.urandom(invite.IDENTITY_PAYLOAD_SIZE - len(line))
-        mallory.send_frame(wire.InviteData(plate, line))
+        eve.send_frames([wrong_guess(plate), wire.InviteData(plate, line)])
         code, _, err = inviter.finish()
     assert accepted.returncode == EXIT_RELAY and "already used" in accepted.stderr
     assert code == EXIT_AUTH and "wrong code, or someone tampered" in err
@@ -170,14 +171,8 @@ def test_a_joiner_who_never_proves_the_code_is_named_at_the_timeout(
     that someone joined and failed to prove the code, not that nobody came."""
     inviter = start_invite(homes[0], relay.address, "--timeout", "2")
     plate = int(inviter.code.split("-")[0])
-    relay_key = decode_token(relay.public_key_file.read_text().strip(), "screlay1", 32)
-    host, port = relay.address.rsplit(":", 1)
-    with RelayClient.connect(
-        host, int(port), new_identity()[0], relay_key, source="127.80.0.1"
-    ) as mallory:
-        guess = SPAKE2_Symmetric(b"wrong-guess", idSymmetric=invite.SPAKE2_ID).start()
-        header = bytes([invite.VERSION, invite.KIND_PAKE])
-        mallory.send_frames([wire.InviteJoin(plate), wire.InviteData(plate, header + guess)])
+    with mallory(relay) as eve:
+        eve.send_frames([wire.InviteJoin(plate), wrong_guess(plate)])
         code, _, err = inviter.finish()
     assert code == EXIT_TIMEOUT
     assert "never proved the code" in err and "nobody accepted" not in err
