@@ -107,6 +107,18 @@ def with_port(text: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def split_relays(text: str) -> list[str]:
+    """``a:5050,b:5050``: the nodes of one relay cluster (issue 16), each with its port.
+
+    The client tries them in turn (the next after a failure, with backoff) and
+    expects one relay key from all of them: a cluster's nodes share one key.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise UsageError(f"bad relay address list {text!r}: expected HOST:PORT[,HOST:PORT...]")
+    return [with_port(part) for part in parts]
+
+
 def canonical_address(text: str) -> str:
     """One spelling per relay, for ``known_relays`` and for messages about pins.
 

@@ -55,7 +55,7 @@ from securechat.client.events import (
     PresenceEvent,
     StatusEvent,
 )
-from securechat.client.link import KnownRelays, RelayLink
+from securechat.client.link import KnownRelays, RelayLink, split_relays
 from securechat.client.peers import Conversation, KnownPeers, direct_conv_id, group_conv_id
 from securechat.client.store import ClientStore
 from securechat.core import e2e, envelope, keys, wire, x3dh
@@ -160,6 +160,11 @@ class Messenger:
         self.store = store
         self.peers = KnownPeers(store)
         self.relay_address = relay_address
+        # Several addresses (``a:5050,b:5050``): the nodes of one relay cluster, tried in
+        # turn; once one of them proved the relay key, every other must present the same.
+        self._relays = split_relays(relay_address) if "," in relay_address else [relay_address]
+        self._relay_index = 0
+        self._cluster_key: bytes | None = None
         self._known_relays = known_relays
         self._pinned = pinned_relay_key
         self._emit = on_event
@@ -283,12 +288,13 @@ class Messenger:
     def _connect_loop(self) -> None:
         delay = BACKOFF_INITIAL
         while not self._stop.is_set() and self.fatal is None:
+            address = self._relays[self._relay_index]
             try:
                 link = RelayLink.connect(
-                    self.relay_address,
+                    address,
                     self.identity.dh_private,
                     self._known_relays,
-                    pinned_key=self._pinned,
+                    pinned_key=self._pinned if self._pinned is not None else self._cluster_key,
                     sign_public=self.identity.public.sign,
                 )
             except RelayKeyChangedError as exc:
@@ -297,6 +303,7 @@ class Messenger:
                 return
             except SecureChatError as exc:
                 self.last_connect_error = exc
+                self._next_relay()
                 # Full jitter (AWS architecture blog): spread reconnects of many clients.
                 wait = random.uniform(0, delay)
                 self._emit(ConnectionEvent(False, f"offline ({exc}); retrying in {wait:.1f}s"))
@@ -305,7 +312,14 @@ class Messenger:
                 continue
             delay = BACKOFF_INITIAL
             self.last_connect_error = None
+            if len(self._relays) > 1:
+                self._cluster_key = link.relay_key
             self._serve(link)
+            self._next_relay()  # a node that dropped us may be going away: try the next
+
+    def _next_relay(self) -> None:
+        """Fail over to the next address of a relay cluster (no-op with one address)."""
+        self._relay_index = (self._relay_index + 1) % len(self._relays)
 
     def _serve(self, link: RelayLink) -> None:
         try:
@@ -315,7 +329,7 @@ class Messenger:
                 self._link = link
                 self._published = False
                 self._on_connect(link)
-            self._emit(ConnectionEvent(True, f"connected to {self.relay_address}"))
+            self._emit(ConnectionEvent(True, f"connected to {link.address}"))
             now = time.monotonic()
             last_ping = last_rotation = last_held = now
             while not self._stop.is_set() and self.fatal is None:
