@@ -287,6 +287,7 @@ class Messenger:
 
     def _connect_loop(self) -> None:
         delay = BACKOFF_INITIAL
+        failed = 0  # attempts failed in a row: with a list, each address once before waiting
         while not self._stop.is_set() and self.fatal is None:
             address = self._relays[self._relay_index]
             try:
@@ -302,8 +303,11 @@ class Messenger:
                 self._emit(NoticeEvent(str(exc), error=True))
                 return
             except SecureChatError as exc:
-                self.last_connect_error = exc
+                failed += 1
                 self._next_relay()
+                if failed % len(self._relays):  # another address to try first: now
+                    continue
+                self.last_connect_error = exc  # every address failed: say why, back off
                 # Full jitter (AWS architecture blog): spread reconnects of many clients.
                 wait = random.uniform(0, delay)
                 self._emit(ConnectionEvent(False, f"offline ({exc}); retrying in {wait:.1f}s"))
@@ -311,6 +315,7 @@ class Messenger:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_INITIAL
+            failed = 0
             self.last_connect_error = None
             if len(self._relays) > 1:
                 self._cluster_key = link.relay_key
