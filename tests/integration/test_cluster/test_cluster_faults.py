@@ -199,10 +199,18 @@ def _soak() -> ModuleType:
 
 
 def run_cluster_soak(
-    work: Path, redis: RedisServer, messages: int, kills: int, seed: int, rate: float
+    work: Path,
+    redis: list[RedisServer],
+    messages: int,
+    kills: int,
+    seed: int,
+    rate: float,
+    redis_share: float = 0.2,
 ) -> object:
     """scripts/soak.py's drivers and checker, against three nodes: the kills hit random
-    nodes (restarted on their port) and clients; each client knows every node."""
+    nodes (restarted on their port), Redis (``redis_share`` of the kills: SIGKILLed and
+    started again on its append-only file) and clients; each client knows every node.
+    ``redis``: the server, replaced in place when it is restarted (the caller stops it)."""
     from relay_fixture import env_for, keygen
 
     soak = _soak()
@@ -211,7 +219,7 @@ def run_cluster_soak(
     count = max(messages // sum(len(v) for v in plan.values()), 1)
     home = work / "home"
     keygen(home, *plan)
-    c = Cluster(work, redis, "--ack-timeout", "1", "--log-level", "WARNING")
+    c = Cluster(work, redis[0], "--ack-timeout", "1", "--log-level", "WARNING")
     nodes = [c.start_node() for _ in range(3)]
     key = str(nodes[0].data_dir / "relay.pub")
     env = env_for(home)
@@ -234,7 +242,12 @@ def run_cluster_soak(
         time.sleep(rnd.uniform(pause * 0.5, pause * 1.5))
         if fig.relay_kills + fig.client_kills >= kills:
             continue
-        if rnd.random() < 0.5:
+        roll = rnd.random()
+        if roll < redis_share:
+            redis[0] = redis[0].restart()
+            fig.redis_kills = getattr(fig, "redis_kills", 0) + 1
+            fig.relay_kills += 1  # counted with the relay side's kills
+        elif roll < 0.5 + redis_share / 2:
             i = rnd.randrange(3)
             nodes[i].kill()
             time.sleep(rnd.uniform(0.05, 0.6))
@@ -268,16 +281,19 @@ def run_cluster_soak(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_soak_against_a_cluster(tmp_path: Path, redis_server: RedisServer) -> None:
-    fig: object = run_cluster_soak(
-        tmp_path, redis_server, messages=240, kills=8, seed=16, rate=20.0
-    )
+    servers = [redis_server]
+    try:
+        fig: object = run_cluster_soak(tmp_path, servers, messages=240, kills=8, seed=16, rate=20.0)
+    finally:
+        servers[0].stop()
     f = fig  # the soak's Figures
     assert f.problems == [], f.problems  # type: ignore[attr-defined]
     assert f.relay_kills >= 1 and f.client_kills >= 1  # type: ignore[attr-defined]
     assert f.lost == 0 and f.duplicates_shown == 0  # type: ignore[attr-defined]
     assert f.forgotten == 0 and f.order_violations == 0  # type: ignore[attr-defined]
     assert f.delivered >= f.deliveries_expected > 0  # type: ignore[attr-defined]
-    print(f"cluster soak: {fig}")
+    assert getattr(fig, "redis_kills", 0) >= 1  # Redis itself was SIGKILLed too
+    print(f"cluster soak: {fig}, Redis SIGKILLed {getattr(fig, 'redis_kills', 0)} times")
 
 
 def test_a_client_refuses_a_node_with_another_key(
