@@ -67,6 +67,7 @@ RETRY_PAUSE_S: Final = 0.1  # between retries (Redis restarting takes a moment)
 PREKEY_HINT_S: Final = 5.0  # a one-time prekey count seen this recently is trusted
 UNKNOWN_PREKEYS: Final = 1  # count assumed for an identity not seen lately ("maybe some")
 MAX_HINTS: Final = 1 << 16  # prekey counts and known mailboxes kept in memory
+FULL_LOG_S: Final = 10.0  # a full Redis is logged once per this many seconds
 _STOP: Final = object()
 
 
@@ -110,6 +111,7 @@ class RedisMailboxes:
         self.requests = 0
         self.failures = 0
         self.retries = 0
+        self._next_full_log = 0.0
 
     # --- Mailboxes -------------------------------------------------------------------------
     def start(self) -> None:
@@ -187,8 +189,7 @@ class RedisMailboxes:
         new_rows: set[bytes] = set()
         for req, value in zip(batch, raw, strict=True):
             if isinstance(value, Exception):
-                if not isinstance(value, redis.ConnectionError | redis.TimeoutError):
-                    log.warning("redis request %s failed: %s", type(req).__name__, value)
+                self._log_failure(req, value)
                 self.failures += 1
                 results.append(_failed(req, value))
                 continue
@@ -201,6 +202,24 @@ class RedisMailboxes:
         self._answer(batch, results)
         if new_rows:
             self._on_new_rows(new_rows)
+
+    def _log_failure(self, req: Request[Any], exc: Exception) -> None:
+        """One line per failure, except a full Redis: one line per FULL_LOG_S (a flood of
+        refused frames must not fill the log)."""
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return  # said once per batch by _execute
+        if _out_of_memory(exc):
+            now = time.monotonic()
+            if now < self._next_full_log:
+                return
+            self._next_full_log = now + FULL_LOG_S
+            log.warning(
+                "Redis is at its maxmemory: new frames are refused (senders keep them and"
+                " retry) until acknowledgements or expiry free space; raise maxmemory if the"
+                " machine allows"
+            )
+            return
+        log.warning("redis request %s failed: %s", type(req).__name__, exc)
 
     def _answer(self, batch: list[Request[Any]], results: list[Any]) -> None:
         cost = sum(req.size for req in batch) + STORE_REQUEST_COST * len(batch)
@@ -341,10 +360,17 @@ def _no_function(value: Any) -> bool:
     return isinstance(value, redis.ResponseError) and "function not found" in str(value).lower()
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    """Redis at its ``maxmemory``: ``OOM ...`` for a command, "... used memory >
+    'maxmemory'" for a function call without the allow-oom flag (Redis 7)."""
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and ("OOM" in text or "'maxmemory'" in text)
+
+
 def _failed(req: Request[Any], exc: Exception) -> Any:
     """A request that failed: an insert refused by Redis's memory cap is STORE_FULL (the
     sender is told storage is full, not broken); anything else is None (STORE_FAILED)."""
-    if isinstance(req, Insert) and isinstance(exc, redis.ResponseError) and "OOM" in str(exc):
+    if isinstance(req, Insert) and _out_of_memory(exc):
         return InsertResult.STORE_FULL
     return None
 
