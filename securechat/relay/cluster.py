@@ -65,6 +65,8 @@ NODE_DEAD_S: Final = 4.0  # a node silent this long is gone: its clients are off
 SOCKET_TIMEOUT_S: Final = 5.0  # a Redis reply slower than this is a failure
 RECONNECT_S: Final = 0.2  # pause before the bus subscribes again after losing Redis
 PUBLISH_BATCH: Final = 1024  # bus messages sent per round trip
+BUDGET_TIMEOUT_S: Final = 0.5  # a shared-budget call slower than this: the node decides alone
+BUDGET_FALLBACK_S: Final = 5.0  # ... and keeps deciding alone this long before asking again
 # Bus message types (first byte); the rest: node id (NODE_ID_LEN), then the fields.
 ONLINE: Final = b"O"  # node, since (8 bytes, ns), identity
 OFFLINE: Final = b"F"  # node, since, identity
@@ -433,7 +435,13 @@ class RedisBudgets(Budgets):
 
     def __init__(self, config: RelayConfig, client: redis.Redis) -> None:
         super().__init__(config)
-        self._client = client
+        # Its own connections, with a short timeout: a worker waits on these calls, and a
+        # hung Redis must cost it BUDGET_TIMEOUT_S once per BUDGET_FALLBACK_S, not 5 s a frame.
+        kwargs = dict(client.connection_pool.connection_kwargs)
+        kwargs.update(socket_timeout=BUDGET_TIMEOUT_S, socket_connect_timeout=BUDGET_TIMEOUT_S)
+        pool_class = type(client.connection_pool)
+        self._client = redis.Redis(connection_pool=pool_class(**kwargs))
+        self._local_until = 0.0  # after a failure, this node's buckets decide until then
         f = config.prefix_factor
         self._rates = {
             Budget.FETCH: (config.fetch_rate, config.fetch_burst),
@@ -444,7 +452,20 @@ class RedisBudgets(Budgets):
         self._factor = f
         self._otk_rate = (config.otk_per_hour / 3600.0, config.otk_burst)
 
+    def _shared(self, now: float) -> bool:
+        return now >= self._local_until
+
+    def _failed(self, exc: Exception, now: float) -> None:
+        self._local_until = now + BUDGET_FALLBACK_S
+        log.warning(
+            "shared budgets unavailable (%s): this node's own budgets decide for %.0f s",
+            exc,
+            BUDGET_FALLBACK_S,
+        )
+
     def charge(self, kind: Budget, identity: bytes, prefix: str, cost: float, now: float) -> float:
+        if not self._shared(now):
+            return super().charge(kind, identity, prefix, cost, now)
         rate, burst = self._rates[kind]
         f = self._factor
         try:
@@ -461,16 +482,18 @@ class RedisBudgets(Budgets):
                 min(cost, burst * f),
             )
         except redis.RedisError as exc:
-            log.warning("shared budget unavailable (%s): this node's budget decides", exc)
+            self._failed(exc, now)
             return super().charge(kind, identity, prefix, cost, now)
         return float(wait)
 
     def take_one_time_prekey(self, target: bytes, now: float) -> bool:
+        if not self._shared(now):
+            return super().take_one_time_prekey(target, now)
         rate, burst = self._otk_rate
         try:
             wait = self._client.fcall("sc_charge", 1, b"sc:b:otk:" + target, rate, burst, 1.0)
         except redis.RedisError as exc:
-            log.warning("shared budget unavailable (%s): this node's budget decides", exc)
+            self._failed(exc, now)
             return super().take_one_time_prekey(target, now)
         return float(wait) == 0.0
 

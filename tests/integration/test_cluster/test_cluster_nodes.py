@@ -8,6 +8,7 @@ frames; ``test_cluster_cli.py`` has real users talking across nodes.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -342,3 +343,54 @@ def test_an_older_connection_closed_by_its_node_dying_does_not_block_the_mailbox
     assert deliveries(bob, 1)[0].payload == b"while bob moves"
     bob.close()
     alice.close()
+
+
+def test_each_node_logs_a_metrics_line(tmp_path: Path, redis_server: RedisServer) -> None:
+    c = Cluster(tmp_path, redis_server, "--metrics-interval", "0.5")
+    try:
+        n1, n2 = c.start_node(), c.start_node()
+        client = connect(n1, new_identity()[0])
+        deadline = time.monotonic() + 10
+        line = ""
+        while time.monotonic() < deadline:
+            lines = [ln for ln in n1.log_text().splitlines() if "metrics:" in ln]
+            if lines and "peers 1" in lines[-1] and "online 1," in lines[-1]:
+                line = lines[-1]
+                break
+            time.sleep(0.2)
+        assert line, n1.log_text()[-2000:]
+        assert "node " in line and "redis requests" in line and "failed 0" in line
+        client.close()
+        while "metrics:" not in n2.log_text() and time.monotonic() < deadline + 5:
+            time.sleep(0.2)
+        assert "metrics:" in n2.log_text()
+    finally:
+        for text in c.stop():
+            assert "Traceback" not in text
+
+
+def test_a_hung_redis_does_not_stall_budgeted_frames(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis stops answering (SIGSTOP): a budgeted frame (FetchPrekeys) waits at most the
+    budget's short timeout, and the node's own budget decides; the store answers
+    STORE_FAILED after its retries, and nothing hangs for good."""
+    c = Cluster(tmp_path, redis_server)
+    try:
+        node = c.start_node()
+        client = connect(node, new_identity()[0])
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            client.send_frame(wire.FetchPrekeys(new_identity()[1]))
+            frame, _ = client.recv_until(
+                lambda f: isinstance(f, wire.Prekeys | wire.Error), timeout=20
+            )
+            assert time.monotonic() - started < 15
+            assert isinstance(frame, wire.Error) and frame.code == wire.STORE_FAILED
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        client.close()
+    finally:
+        for text in c.stop():
+            assert "Traceback" not in text
