@@ -250,8 +250,7 @@ class ClusterRouter(Router):
             mine = self._since.get(local, 0)
             if (mine, self.node) < (since, node):  # theirs is newer: ours is replaced
                 self._replaced.add(local)
-                reason = "replaced by a newer connection (on another relay node)"
-                local.loop.call_soon(local.loop.close, local, reason, (wire.REPLACED, wire.NO_ID))
+                local.loop.call_soon(self._close_replaced, local)
             else:
                 return  # ours is newer: the other node closes its own
         old = self.remote.get(identity)
@@ -261,6 +260,13 @@ class ClusterRouter(Router):
         self.remote_mailboxes[mailbox] = identity
         if not was_online:
             self._tell_watchers(identity, online=True)
+
+    def _close_replaced(self, conn: Conn) -> None:
+        """On ``conn``'s loop: close it with REPLACED (its unregister sees the mark and
+        announces nothing); the mark goes either way (it may have closed meanwhile)."""
+        reason = "replaced by a newer connection (on another relay node)"
+        conn.loop.close(conn, reason, (wire.REPLACED, wire.NO_ID))
+        self._replaced.discard(conn)
 
     def _remote_offline(self, node: str, since: int, identity: bytes) -> None:
         old = self.remote.get(identity)
