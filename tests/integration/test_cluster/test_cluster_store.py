@@ -213,3 +213,17 @@ def test_keys_of_one_mailbox_share_one_cluster_slot(redis_server: RedisServer) -
     tags = {key[key.index("{") : key.index("}") + 1] for key in mailbox_keys(box).values()}
     assert tags == {"{" + box.hex() + "}"}
     client.close()
+
+
+def test_nothing_a_sender_stores_lives_forever(store: Store) -> None:
+    """Every key an insert creates expires (after the frame's life and a slack), so frames
+    nobody fetches, and their senders' counters, cannot fill Redis for good."""
+    box, sender = _known(store), os.urandom(32)
+    assert store.insert(box, sender, b"x") == InsertResult.INSERTED
+    ttl_ms = int(RelayConfig().ttl * 1000)
+    keys = mailbox_keys(box)
+    for name in ("q", "m", "d", "t"):
+        life = store.client.pttl(keys[name])
+        assert ttl_ms < life <= ttl_ms + ttl_ms // 8 + 1000, name
+    for key in (b"sc:s:" + sender, b"sc:o:10.0.0.0/24"):
+        assert 0 < store.client.pttl(key) <= ttl_ms + ttl_ms // 8 + 1000
