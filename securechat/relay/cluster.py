@@ -170,6 +170,7 @@ class ClusterRouter(Router):
         self.bus: Bus | None = None  # set by the relay before workers start
         self._since: dict[Conn, int] = {}  # registration time (ns) of each local connection
         self._replaced: set[Conn] = set()  # closed because a newer one is on another node
+        self._took_over: set[bytes] = set()  # identities just moved here from another node
         # Other nodes: identity -> (node, since); mailbox -> identity; node -> last heard.
         self.remote: dict[bytes, tuple[str, int]] = {}
         self.remote_mailboxes: dict[bytes, bytes] = {}
@@ -185,6 +186,11 @@ class ClusterRouter(Router):
             self._since[conn] = since
             self.store.claim(conn.mailbox, since)  # before the first fetch: see claim()
             first_fetch()
+        # The newest connection of this identity is here now: a copy elsewhere is being
+        # replaced (that node closes it without a word), so it no longer counts as online.
+        if self.remote.pop(conn.identity, None) is not None:
+            self.remote_mailboxes.pop(conn.mailbox, None)
+            self._took_over.add(conn.identity)  # online all along: watchers hear nothing
         self._publish(ONLINE, since, conn.identity)
         return old
 
@@ -211,7 +217,11 @@ class ClusterRouter(Router):
         return mailbox in self.online or mailbox in self.remote_mailboxes
 
     def presence_changed(self, identity: bytes, *, online: bool) -> bool:
-        """Tell this node's watchers only if the identity is not online on another node."""
+        """Tell this node's watchers only if the identity is not online on another node
+        (and, coming online, was not just taken over from another node)."""
+        if online and identity in self._took_over:
+            self._took_over.discard(identity)
+            return False
         return identity not in self.remote
 
     def tell(self, mailbox: bytes, frame: bytes) -> None:

@@ -394,3 +394,22 @@ def test_a_hung_redis_does_not_stall_budgeted_frames(
     finally:
         for text in c.stop():
             assert "Traceback" not in text
+
+
+def test_an_identity_moving_between_nodes_is_online_then_offline_once(cluster: Cluster) -> None:
+    """Bob moves from node 2 to node 1 (the older connection is replaced), then leaves: a
+    watcher on node 1, where he arrived, hears online once and offline once."""
+    n1, n2, _ = cluster.nodes
+    b_priv, b_pub = new_identity()
+    watcher = connect(n1, new_identity()[0])
+    watcher.send_frame(wire.PresenceSubscribe((b_pub,)))
+    assert presence(watcher, b_pub) is False
+    first = connect(n2, b_priv)
+    assert presence(watcher, b_pub) is True
+    second = connect(n1, b_priv)
+    first.expect_closed(timeout=8)
+    with pytest.raises(TimeoutError):  # moving is neither offline nor online
+        presence(watcher, b_pub, timeout=1.5)
+    second.close()
+    assert presence(watcher, b_pub) is False
+    watcher.close()
