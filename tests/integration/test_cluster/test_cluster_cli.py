@@ -50,6 +50,22 @@ def test_the_cli_fails_over_to_the_next_address(home: Path, cluster: Cluster) ->
     assert receive(home, f"{addr(n1)},{addr(n2)}", "bob") == ["alice: n1 is down"]
 
 
+def test_the_list_in_securechat_relay(home: Path, cluster: Cluster) -> None:
+    import subprocess
+
+    from relay_fixture import cli_cmd, env_for
+
+    n1, n2, n3 = cluster.nodes
+    env = env_for(home, SECURECHAT_RELAY=f"{addr(n2)},{addr(n3)}")
+    done = subprocess.run(
+        [*cli_cmd(), "send", "--key", "alice", "--peer", "bob", "--timeout", "20"],
+        input="via the environment\n", capture_output=True, text=True, timeout=60, env=env,
+        cwd=home.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert receive(home, addr(n1), "bob") == ["alice: via the environment"]
+
+
 def test_address_lists_are_checked_before_anything_happens(home: Path) -> None:
     assert split_relays("a:1, b") == ["a:1", "b:5050"]
     assert relay_address("a:1,b:2") == "a:1,b:2"
