@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from test_cluster.nodes import redis_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

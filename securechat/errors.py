@@ -15,12 +15,37 @@ from __future__ import annotations
 class SecureChatError(Exception):
     """Base of every error securechat raises on purpose.
 
-    ``brief`` is an optional few-word form of the message for a status line
-    (``connection refused``); the message itself stays the full sentence.
+    The message says what went wrong; ``hint`` (optional, per instance) says what
+    to do about it, and ``cli`` prints it on a line of its own
+    (``securechat: hint: ...``), as age does. ``brief`` is an optional few-word
+    form of the message for a status line (``connection refused``); the message
+    itself stays the full sentence.
     """
 
     exit_code: int = 1
     brief: str | None = None
+    hint: str | None = None
+
+    def __init__(self, *args: object, hint: str | None = None, brief: str | None = None) -> None:
+        super().__init__(*args)
+        if hint is not None:
+            self.hint = hint
+        if brief is not None:
+            self.brief = brief
+
+    def with_note(self, note: str) -> SecureChatError:
+        """The same class (so the same exit code), hint and brief, with ``note`` appended."""
+        try:
+            extended = type(self)(f"{self}; {note}")
+        except TypeError:  # a subclass whose constructor takes other arguments
+            return self
+        extended.hint, extended.brief = self.hint, self.brief
+        extended.__cause__ = self
+        return extended
+
+    def full_text(self) -> str:
+        """Message and hint in one line, for where only one line fits (a talk screen notice)."""
+        return f"{self} ({self.hint})" if self.hint else str(self)
 
 
 class UsageError(SecureChatError):

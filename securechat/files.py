@@ -9,11 +9,19 @@ OpenSSH refuses ``id_ed25519`` with mode 0644.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
-from securechat.errors import KeyExistsError, KeyNotFoundError, KeyPermissionError, StorageError
+from securechat.errors import (
+    KeyExistsError,
+    KeyNotFoundError,
+    KeyPermissionError,
+    SecureChatError,
+    StorageError,
+)
 
 
 def write_new_file(path: Path, data: bytes, *, mode: int, force: bool = False) -> None:
@@ -56,3 +64,22 @@ def check_private_permissions(path: Path) -> None:
             f"permissions {mode:04o} for '{path}' are too open: it must not be readable by "
             f"others. Run: chmod 600 '{path}'"
         )
+
+
+def lock_exclusive(path: Path, busy: SecureChatError) -> IO[str]:
+    """Open ``path`` (0600) and hold an exclusive lock on it, or raise ``busy``.
+
+    The lock lives as long as the returned file is open; the kernel drops it when
+    the process dies, so a crash never leaves a stale lock behind.
+    """
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 (the caller holds it)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise busy from exc
+    return handle

@@ -188,15 +188,7 @@ class MemoryLoop:
         self.out: dict[Conn, list[wire.Frame]] = {}
         self.closed: dict[Conn, tuple[str, tuple[int, bytes] | None]] = {}
         self.conns: set[Conn] = set()
-        self.rules = Rules(
-            self,
-            relay.config,
-            relay.router,
-            relay.store,
-            relay.budgets,
-            relay.rendezvous,
-            relay.partial,
-        )
+        self.rules = Rules(self, relay)
         self.intake = self.rules.intake
         self._delivery = self.rules.delivery
 

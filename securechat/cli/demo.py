@@ -31,7 +31,7 @@ from securechat import files
 from securechat.client import invite as client_invite
 from securechat.client import keystore
 from securechat.client.app import Client, known_relays, open_client, open_store
-from securechat.client.messenger import Event, MessageEvent
+from securechat.client.events import Event, MessageEvent
 from securechat.core import invite, keys, wire
 from securechat.errors import DeliveryTimeoutError, SecureChatError, TransportError
 
@@ -39,6 +39,7 @@ RELAY_START_TIMEOUT: Final = 20.0
 MESSAGE_TIMEOUT: Final = 15.0
 _LISTENING: Final = re.compile(r"listening on (\S+):(\d+)")
 _COLUMN: Final = 58
+_BUSY: Final = "the machine may be very busy: run the demo again"
 # Each client's link thread prints what the relay handled for it (the tap), while the
 # main thread prints what people see: one lock keeps every line whole.
 _PRINT_LOCK: Final = threading.Lock()
@@ -72,12 +73,15 @@ def embedded_relay(data_dir: Path) -> Iterator[str]:
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
-                raise TransportError("the embedded relay exited during start-up")
+                raise TransportError(
+                    "the embedded relay exited during start-up",
+                    hint="run 'securechat relay --port 0' to see why",
+                )
             match = _LISTENING.search(line)
             if match:
                 yield f"{match.group(1)}:{match.group(2)}"
                 return
-        raise TransportError("the embedded relay did not start in time")
+        raise TransportError("the embedded relay did not start in time", hint=_BUSY)
     finally:
         proc.terminate()
         try:
@@ -154,7 +158,7 @@ def _shows(person: _Person) -> None:
         event = person.inbox.get(timeout=MESSAGE_TIMEOUT)
     except queue.Empty as exc:
         raise DeliveryTimeoutError(
-            f"demo: {person.name} did not receive a message in time"
+            f"demo: {person.name} did not receive a message in time", hint=_BUSY
         ) from exc
     where = " (group)" if event.group else ""
     trust = "" if event.verified else " (unverified)"
@@ -168,7 +172,7 @@ def _online(person: _Person, relay: str) -> Iterator[None]:
     ) as client:
         person.client = client
         if not client.messenger.wait_connected(MESSAGE_TIMEOUT):
-            raise TransportError(f"demo: {person.name} could not connect to the relay")
+            raise TransportError(f"demo: {person.name} could not connect to the relay", hint=_BUSY)
         try:
             yield
             client.messenger.wait_all_accepted(MESSAGE_TIMEOUT)
@@ -272,7 +276,9 @@ def _invite(opener: _Person, joiner: _Person, relay: str, *, verbose: bool) -> N
     try:
         code = codes.get(timeout=MESSAGE_TIMEOUT)
     except queue.Empty as exc:
-        raise DeliveryTimeoutError("demo: the invite got no code from the relay") from exc
+        raise DeliveryTimeoutError(
+            "demo: the invite got no code from the relay", hint=_BUSY
+        ) from exc
     if verbose:
         _side(f"{opener.name} sees the code {code} and reads it to {joiner.name}", "")
         _side(f"{joiner.name} runs: securechat accept {code}", "")
@@ -280,7 +286,7 @@ def _invite(opener: _Person, joiner: _Person, relay: str, *, verbose: bool) -> N
     opener_key = _run_side(joiner, opener, relay, session, verbose)
     thread.join(MESSAGE_TIMEOUT)
     if not result:
-        raise DeliveryTimeoutError("demo: the invite did not finish")
+        raise DeliveryTimeoutError("demo: the invite did not finish", hint=_BUSY)
     joiner_key = result[0]
     if isinstance(joiner_key, SecureChatError):
         raise joiner_key
@@ -328,14 +334,13 @@ def _play(relay: str, home: Path) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run a short conversation on an embedded relay",
-        description="Start a relay on a free loopback port in a temporary directory, create "
+def configure(command: str, p: argparse.ArgumentParser) -> None:
+    assert command == "demo"
+    p.description = (
+        "Start a relay on a free loopback port in a temporary directory, create "
         "alice, bob and carol, let them exchange keys with invite codes, play a conversation "
         "(two people, then a group of three, one message sent while its recipient is offline), "
         "print what each person sees beside what "
-        "the relay handled (sizes and ciphertext prefixes, never the text), clean up.",
+        "the relay handled (sizes and ciphertext prefixes, never the text), clean up."
     )
     p.set_defaults(handler=run_demo)

@@ -15,20 +15,21 @@ from pathlib import Path
 from typing import Final
 
 from securechat.client import keystore
-from securechat.client.link import (
-    CONNECT_TIMEOUT,
+from securechat.client.events import Event, NoticeEvent
+from securechat.client.link import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
+from securechat.client.messenger import Messenger
+from securechat.client.peers import Conversation
+from securechat.client.relays import (
     DEFAULT_PORT,
-    HANDSHAKE_TIMEOUT,
     KNOWN_RELAYS,
     KnownRelays,
     read_relay_key_file,
     split_relays,
     with_port,
 )
-from securechat.client.messenger import Conversation, Event, Messenger, NoticeEvent
 from securechat.client.store import ClientStore, StoreKeys
 from securechat.core import keys, wire
-from securechat.errors import RelayUnreachableError, SecureChatError, UsageError
+from securechat.errors import RelayUnreachableError, UsageError
 
 ENV_RELAY: Final = "SECURECHAT_RELAY"
 DEFAULT_RELAY: Final = f"127.0.0.1:{DEFAULT_PORT}"
@@ -80,8 +81,8 @@ def conversation(me: keys.PublicIdentity, peers: Iterable[keys.PublicIdentity]) 
     peers = list(peers)
     if peers and all(p.dh == me.dh for p in peers):
         raise UsageError(
-            f"--peer {peers[0].name or 'that key'} is your own identity ({me.name}); "
-            "give someone else's key"
+            f"--peer {peers[0].name or 'that key'} is your own identity ({me.name})",
+            hint="give someone else's key with --peer",
         )
     return Conversation.with_peers(me, peers)
 
@@ -151,23 +152,14 @@ def wait_for_relay(messenger: Messenger, *, what: str, timeout: float = RELAY_WA
     while not messenger.connected:
         failure = messenger.fatal or messenger.last_connect_error
         if failure is not None:
-            raise with_note(failure, what)
+            raise failure.with_note(what)
         if time.monotonic() >= deadline:
             raise RelayUnreachableError(
                 f"no connection to the relay at {messenger.relay_address} after {timeout:g}s; "
-                f"{what}"
+                f"{what}",
+                hint="is the relay running? check --relay HOST:PORT (or $SECURECHAT_RELAY)",
             )
         time.sleep(_POLL)
-
-
-def with_note(exc: SecureChatError, note: str) -> SecureChatError:
-    """The same error class (so the same exit code) with ``note`` appended."""
-    try:
-        extended = type(exc)(f"{exc}; {note}")
-    except TypeError:
-        return exc
-    extended.__cause__ = exc
-    return extended
 
 
 def load_peers(names: Iterable[str]) -> list[keys.PublicIdentity]:

@@ -16,7 +16,6 @@ runs in (with, say, a directory called ``bob``) cannot change what it means.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import os
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from securechat.client.oserrors import map_exceptions
 from securechat.core import keys
 from securechat.errors import (
     CorruptKeyError,
@@ -35,7 +35,7 @@ from securechat.errors import (
     UsageError,
     WrongPassphraseError,
 )
-from securechat.files import check_private_permissions
+from securechat.files import check_private_permissions, lock_exclusive
 
 ENV_HOME: Final = "SECURECHAT_HOME"
 ENV_PASSPHRASE: Final = "SECURECHAT_PASSPHRASE"  # noqa: S105 (a variable name)
@@ -58,10 +58,12 @@ def home() -> Path:
 def ensure_home() -> Path:
     """The key directory, created 0700 if missing."""
     path = home()
-    try:
+    with map_exceptions(
+        {OSError: StorageError},
+        f"cannot create key directory {path}",
+        hint=f"create it yourself (mode 0700), or point {ENV_HOME} at a writable directory",
+    ):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create key directory {path}: {exc.strerror}") from exc
     return path
 
 
@@ -75,15 +77,18 @@ def read_private_file(path: Path, *, limit: int = MAX_KEY_FILE) -> bytes:
 
 
 def _read(path: Path, limit: int) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
-    except FileNotFoundError as exc:
-        raise KeyNotFoundError(f"no such key file: {path}") from exc
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from exc
+    with (
+        map_exceptions(
+            {FileNotFoundError: KeyNotFoundError, OSError: KeyFileError}, f"cannot read {path}"
+        ),
+        path.open("rb") as handle,
+    ):
+        data = handle.read(limit + 1)
     if len(data) > limit:
-        raise KeyFileError(f"{path} is too large to be a securechat file")
+        raise KeyFileError(
+            f"{path} is too large to be a securechat file",
+            hint="give the NAME.key or NAME.pub file that securechat keygen wrote",
+        )
     return data
 
 
@@ -91,7 +96,10 @@ def _decode_text(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CorruptKeyError(f"{path} is not a securechat key file (not text)") from exc
+        raise CorruptKeyError(
+            f"{path} is not a securechat key file (not text)",
+            hint="give the NAME.key or NAME.pub file that 'securechat keygen' wrote",
+        ) from exc
 
 
 def resolve(arg: str, suffix: str, *, peer: bool = False) -> Path:
@@ -102,18 +110,24 @@ def resolve(arg: str, suffix: str, *, peer: bool = False) -> Path:
     if "/" in arg or os.sep in arg:
         given = Path(arg).expanduser()
         if given.is_dir():
-            raise KeyNotFoundError(f"{arg} is a directory, not a key file")
+            raise KeyNotFoundError(
+                f"{arg} is a directory, not a key file", hint="give the .key or .pub file in it"
+            )
         if not given.is_file():
-            raise KeyNotFoundError(f"no such key file: {arg} (looked at {os.path.abspath(given)})")
+            raise KeyNotFoundError(
+                f"no such key file: {arg} (looked at {os.path.abspath(given)})",
+                hint=f"check the path, or give a NAME from the key directory {home()}",
+            )
         return given
     file_name = arg if arg.endswith((PRIVATE_SUFFIX, PUBLIC_SUFFIX)) else f"{arg}{suffix}"
     candidate = home() / file_name
     if candidate.is_file():
         return candidate
-    raise KeyNotFoundError(_not_found(arg, file_name, candidate, peer=peer))
+    raise _not_found(arg, file_name, candidate, peer=peer)
 
 
-def _not_found(arg: str, file_name: str, candidate: Path, *, peer: bool) -> str:
+def _not_found(arg: str, file_name: str, candidate: Path, *, peer: bool) -> KeyNotFoundError:
+    """Where we looked (the message) and what to do (the hint): who can give the key."""
     name = file_name.rsplit(".", 1)[0]
     where = f"no key {arg!r}: looked for {os.path.abspath(candidate)}"
     if peer:
@@ -127,7 +141,9 @@ def _not_found(arg: str, file_name: str, candidate: Path, *, peer: bool) -> str:
         advice += f" (or, to use the one in this folder, give it as ./{file_name})"
     elif peer and Path(arg).is_dir():
         advice += f" ('{arg}' in this folder is a directory, not a key)"
-    return f"{where} ({ENV_HOME} or ./{DEFAULT_HOME} is the key directory); {advice}"
+    return KeyNotFoundError(
+        f"{where} ({ENV_HOME} or ./{DEFAULT_HOME} is the key directory)", hint=advice
+    )
 
 
 def default_private_path() -> Path:
@@ -136,9 +152,11 @@ def default_private_path() -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UsageError(f"no private key in {home()}: run 'securechat keygen NAME' first")
+        raise UsageError(
+            f"no private key in {home()}", hint="create one with 'securechat keygen NAME'"
+        )
     names = ", ".join(p.stem for p in found)
-    raise UsageError(f"several keys in {home()} ({names}): choose one with --key NAME")
+    raise UsageError(f"several keys in {home()} ({names})", hint="choose one with --key NAME")
 
 
 def passphrase_from_env_or_tty(prompt: str, *, confirm: bool) -> bytes:
@@ -151,19 +169,23 @@ def passphrase_from_env_or_tty(prompt: str, *, confirm: bool) -> bytes:
     if value is not None:
         if not value:
             raise UsageError(
-                f"{ENV_PASSPHRASE} is set but empty; set it to the passphrase, unset it to be "
-                "asked on the terminal (or use --no-passphrase with keygen for an unencrypted key)"
+                f"{ENV_PASSPHRASE} is set but empty",
+                hint="set it to the passphrase, unset it to be asked on the terminal (or use "
+                "--no-passphrase with keygen for an unencrypted key)",
             )
         return value.encode()
     if not sys.stdin.isatty():
         raise PassphraseRequiredError(
-            f"a passphrase is needed: set {ENV_PASSPHRASE} (or use --no-passphrase for keygen)"
+            "a passphrase is needed and there is no terminal to ask on",
+            hint=f"set {ENV_PASSPHRASE} (or use --no-passphrase for keygen)",
         )
     first = getpass.getpass(prompt)
     if confirm and getpass.getpass("Repeat passphrase: ") != first:
-        raise UsageError("the two passphrases differ; nothing was written")
+        raise UsageError("the two passphrases differ; nothing was written", hint="run it again")
     if confirm and not first:
-        raise UsageError("empty passphrase; use --no-passphrase to store the key unencrypted")
+        raise UsageError(
+            "empty passphrase", hint="use --no-passphrase to store the key unencrypted"
+        )
     return first.encode()
 
 
@@ -171,7 +193,9 @@ def load_identity(arg: str | None) -> keys.Identity:
     """Load our identity from ``--key`` (path or name) or the default key."""
     path = resolve(arg, PRIVATE_SUFFIX) if arg else default_private_path()
     if path.suffix == PUBLIC_SUFFIX:
-        raise CorruptKeyError(f"{path} is a public key; --key needs the private .key file")
+        raise CorruptKeyError(
+            f"{path} is a public key", hint="--key needs your private NAME.key (or just NAME)"
+        )
     with _naming(path):
         parsed = keys.parse_private_key(_decode_text(read_private_file(path), path))
     if not parsed.encrypted:
@@ -188,9 +212,9 @@ def load_identity(arg: str | None) -> keys.Identity:
                 return keys.decrypt_private_key(parsed, passphrase)
         except WrongPassphraseError as exc:
             if attempt == tries:
-                if tries > 1:
-                    raise WrongPassphraseError(f"{exc}: {tries} tries for {path}") from exc
-                raise
+                message = f"{exc}: {tries} tries for {path}" if tries > 1 else str(exc)
+                source = "the passphrase you set in keygen" if asked else f"${ENV_PASSPHRASE}"
+                raise WrongPassphraseError(message, hint=f"check {source}") from exc
             print("Wrong passphrase, try again.", file=sys.stderr, flush=True)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -209,7 +233,7 @@ def load_public(arg: str, *, peer: bool = False) -> keys.PublicIdentity:
             return keys.parse_private_key(text).public
         text = _decode_text(_read(path, MAX_KEY_FILE), path)
         if text.startswith(keys.PRIVATE_HEADER):
-            raise CorruptKeyError("this is a private key; give the .pub file")
+            raise CorruptKeyError("this is a private key", hint="give the .pub file")
         return keys.PublicIdentity.from_line(text, default_name=path.stem)
 
 
@@ -221,7 +245,7 @@ def _naming(path: Path) -> Iterator[None]:
     except CorruptKeyError as exc:
         if str(path) in str(exc):
             raise
-        raise CorruptKeyError(f"{path}: {exc}") from exc
+        raise CorruptKeyError(f"{path}: {exc}", hint=exc.hint) from exc
 
 
 # --- replacing an identity ----------------------------------------------------------------
@@ -230,19 +254,12 @@ def _naming(path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def identity_lock(name: str) -> Iterator[None]:
     """Hold NAME's client lock (the one a running talk/send/receive holds), or refuse."""
-    path = home() / f"{name}{LOCK_SUFFIX}"
+    busy = UsageError(
+        f"a securechat process (talk, send or receive) is using {name}",
+        hint="stop it first, then run this again",
+    )
+    handle = lock_exclusive(home() / f"{name}{LOCK_SUFFIX}", busy)
     try:
-        handle = open(path, "a+")  # noqa: SIM115 (held for the block)
-        os.chmod(path, 0o600)
-    except OSError as exc:
-        raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise UsageError(
-                f"a securechat process (talk, send or receive) is using {name}; stop it first"
-            ) from exc
         yield
     finally:
         handle.close()
@@ -268,14 +285,12 @@ def archive_state(name: str, now: float | None = None) -> Path | None:
     while target.exists():
         serial += 1
         target = directory / f"{name}.replaced-{stamp}-{serial}{STATE_SUFFIX}"
-    try:
+    with map_exceptions({OSError: StorageError}, f"cannot move {state} aside"):
         if state.exists():
             os.replace(state, target)
         for companion, suffix in zip(companions, _SQLITE_COMPANIONS, strict=True):
             if companion.exists():
                 os.replace(companion, target.with_name(target.name + suffix))
-    except OSError as exc:
-        raise StorageError(f"cannot move {state} aside: {exc.strerror}") from exc
     with contextlib.suppress(OSError):
         (directory / f"{name}{LOCK_SUFFIX}").unlink()
     return target

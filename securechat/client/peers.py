@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import nacl.bindings
+
 from securechat.client import keystore
 from securechat.client.store import ClientStore
 from securechat.core import envelope, keys
@@ -39,7 +40,10 @@ class Conversation:
         unique = {p.dh: p for p in peers if p.dh != me.dh}
         members = tuple(unique.values())
         if not members:
-            raise UsageError("a conversation needs at least one peer other than yourself")
+            raise UsageError(
+                "a conversation needs at least one peer other than yourself",
+                hint="name someone with --peer",
+            )
         if len(members) == 1:
             return cls(direct_conv_id(me.dh, members[0].dh), members, None)
         group = envelope.Group.of([me.dh, *unique])
@@ -94,9 +98,9 @@ class KnownPeers:
         if not known.same_keys(peer):
             raise PeerKeyChangedError(
                 f"WARNING: the key for {peer.name!r} has CHANGED (was {known.fingerprint}, now "
-                f"{peer.fingerprint}). Someone may be impersonating {peer.name}. Refusing to send. "
-                f"Verify the new safety number with {peer.name} out of band, then run "
-                f"'securechat trust {peer.name}'"
+                f"{peer.fingerprint}). Someone may be impersonating {peer.name}. Refusing to send",
+                hint=f"verify the new safety number with {peer.name} out of band (securechat "
+                f"safety-number --peer {peer.name}), then run 'securechat trust {peer.name}'",
             )
 
     def trust(self, peer: keys.PublicIdentity) -> bool:

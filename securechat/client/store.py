@@ -10,7 +10,7 @@ One SQLite database per identity under the key directory,
   the exact sealed frame, so a restart resends the same bytes and the relay's
   idempotency by message id holds;
 * held messages: text the user sent that waits for a peer's prekeys (it is
-  sealed end to end only once they arrive, see ``Messenger``);
+  sealed end to end only once they arrive, see :mod:`~securechat.client.outgoing`);
 * receipts due: ids of messages we stored, to be acknowledged end to end;
 * who has acknowledged each message we sent (``delivered``);
 * the history, one sealed record per message, per conversation;
@@ -23,9 +23,10 @@ the relay saw, or when: every row key is a MAC under a key derived from the
 identity (``index``), not the raw identity key, conversation id or message id,
 and every value, times included, is sealed with XChaCha20-Poly1305 under the
 ``state`` or ``history`` key with the table and row key as associated data, so
-rows cannot be swapped. Deleted rows are overwritten (``secure_delete``).
-Schema 2 (raw keys and ids in clear) and schema 1 are migrated on open, in
-one transaction.
+rows cannot be swapped (:mod:`~securechat.client.sealing`). Deleted rows are
+overwritten (``secure_delete``). Schema 2 (raw keys and ids in clear) and
+schema 1 are migrated on open, in one transaction
+(:mod:`~securechat.client.store_schema`).
 
 An exclusive lock on ``<name>.state.lock`` keeps two processes from driving
 the same ratchets (which would desynchronise them); a read-only store (for
@@ -35,82 +36,34 @@ the same ratchets (which would desynchronise them); a read-only store (for
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
-import nacl.bindings
-import nacl.exceptions
-from securechat.core.keys import Identity
+from securechat.client.oserrors import map_exceptions
+from securechat.client.sealing import Sealer, StoreKeys
+from securechat.client.store_schema import SCHEMA_VERSION, create_or_migrate
 from securechat.errors import StorageError, UsageError
+from securechat.files import lock_exclusive
 
-SCHEMA_VERSION: Final = 3  # PRAGMA user_version; 0 = a new file or a schema 1 file
+__all__ = [
+    "SCHEMA_VERSION",
+    "ClientStore",
+    "DueReceipt",
+    "HistoryEntry",
+    "OutboxItem",
+    "StoreKeys",
+]
+
 E2E_CORE_KEY: Final = "e2e/core"
-MAC_SIZE: Final = 16
-_NONCE: Final = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
-
-_TABLES: Final = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS e2e_peers (peer BLOB PRIMARY KEY, v BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    msg BLOB NOT NULL UNIQUE,
-    control INTEGER NOT NULL,
-    frame BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS history (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    conv BLOB NOT NULL,
-    msg BLOB NOT NULL,
-    status INTEGER NOT NULL,
-    record BLOB NOT NULL,
-    UNIQUE (conv, msg)
-);
-CREATE INDEX IF NOT EXISTS history_by_msg ON history (msg);
-CREATE TABLE IF NOT EXISTS held (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    conv BLOB NOT NULL,
-    msg BLOB NOT NULL UNIQUE,
-    v BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS receipts_due (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    peer BLOB NOT NULL,
-    v BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS delivered (
-    msg BLOB NOT NULL,
-    peer BLOB NOT NULL,
-    PRIMARY KEY (msg, peer)
-) WITHOUT ROWID;
-"""
-
-# Schema 2 tables (schema 1 = the same without e2e_peers), read only by the migration.
-_SCHEMA_2_MISSING: Final = (
-    "CREATE TABLE IF NOT EXISTS e2e_peers (peer BLOB PRIMARY KEY, v BLOB NOT NULL)"
+_MOVE_AWAY: Final = (
+    "if it is corrupt, move it away (sessions will be re-established, unsent messages in it "
+    "are lost)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class StoreKeys:
-    """The three keys of one identity's store, derived from its private key."""
-
-    state: bytes
-    history: bytes
-    index: bytes  # MACs row keys, so raw ids never reach the file
-
-    @classmethod
-    def of(cls, identity: Identity) -> StoreKeys:
-        return cls(
-            identity.storage_key("state"),
-            identity.storage_key("history"),
-            identity.storage_key("index"),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,35 +93,46 @@ class ClientStore:
 
     def __init__(self, path: Path, keys: StoreKeys, *, read_only: bool = False) -> None:
         self.path = path
+        self._seal = Sealer(keys, path)
         self._keys = keys
         self.read_only = read_only
+        self._lock_file: IO[str] | None = None
         if read_only:
             self._open_read_only(path)
             return
-        self._lock_file: Any = self._acquire_lock(path.with_suffix(".lock"))
+        busy = UsageError(
+            "another securechat process is using this identity (talk, send or receive)",
+            hint="run one at a time per identity",
+        )
+        self._lock_file = lock_exclusive(path.with_suffix(".lock"), busy)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._create_or_migrate()
-        except (OSError, sqlite3.Error) as exc:
-            self._lock_file.close()
-            raise StorageError(
-                f"cannot open the client state {path}: {exc}; if it is corrupt, move it away "
-                "(sessions will be re-established, unsent messages in it are lost)"
-            ) from exc
+            with map_exceptions(
+                {OSError: StorageError, sqlite3.Error: StorageError},
+                f"cannot open the client state {path}",
+                hint=_MOVE_AWAY,
+            ):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA secure_delete=ON")
+                create_or_migrate(
+                    self._db, path, self._seal, self._migrated_outbox, self._history_insert
+                )
+        except BaseException:
+            self.close()
+            raise
 
     def _open_read_only(self, path: Path) -> None:
         """A second reader beside the process that holds the lock (``history`` while
         ``talk`` runs): SQLite's WAL lets readers see the last commit; it takes no lock
         and writes nothing, so it cannot disturb the writer's ratchets."""
-        self._lock_file = None
         if not path.exists():
-            raise StorageError(f"no local state for this identity yet ({path} does not exist)")
-        try:
+            raise StorageError(
+                f"no local state for this identity yet ({path} does not exist)",
+                hint="send or receive a message first",
+            )
+        with map_exceptions({sqlite3.Error: StorageError}, f"cannot read the client state {path}"):
             self._db = sqlite3.connect(
                 f"{path.resolve().as_uri()}?mode=ro",
                 uri=True,
@@ -176,145 +140,38 @@ class ClientStore:
                 isolation_level=None,
             )
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot read the client state {path}: {exc}") from exc
         if version != SCHEMA_VERSION:
             self._db.close()
             raise StorageError(
-                f"the client state {path} has schema version {version}, expected "
-                f"{SCHEMA_VERSION}; run a command that opens it for writing first"
+                f"the client state {path} has schema version {version}, expected {SCHEMA_VERSION}",
+                hint="run a command that opens it for writing first (receive, talk)",
             )
-
-    def _create_or_migrate(self) -> None:
-        db = self._db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            has_meta = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-            ).fetchone()
-            if not has_meta:  # a new file
-                db.executescript(
-                    f"BEGIN IMMEDIATE; {_TABLES} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
-                )
-                return
-            db.execute(_SCHEMA_2_MISSING)  # schema 1: the E2E blob moves later (Messenger)
-            version = 2
-        if version == 2:
-            self._migrate_2_to_3()
-        elif version != SCHEMA_VERSION:
-            self._db.close()
-            self._lock_file.close()
-            raise StorageError(
-                f"the client state {self.path} has schema version {version}, expected "
-                f"{SCHEMA_VERSION} (written by a newer securechat? run that version)"
-            )
-
-    def _migrate_2_to_3(self) -> None:
-        """Re-key every row by its MAC and re-seal it, in one transaction."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            peers = db.execute("SELECT peer, v FROM e2e_peers").fetchall()
-            outbox = db.execute("SELECT msg_id, frame FROM outbox ORDER BY seq").fetchall()
-            history = db.execute(
-                "SELECT conv, msg_id, status, record FROM history ORDER BY seq"
-            ).fetchall()
-            for table in ("e2e_peers", "outbox", "history"):
-                db.execute(f"DROP TABLE {table}")
-            for statement in _TABLES.split(";"):  # not executescript: it would COMMIT
-                if statement.strip():
-                    db.execute(statement)
-            for key, sealed in peers:
-                row = self._open(self._keys.state, f"e2e/peer/{bytes(key).hex()}", sealed)
-                mac = self.peer_key(bytes(key))
-                sealed = self._seal(self._keys.state, f"e2e/peer/{mac.hex()}", row)
-                db.execute("INSERT INTO e2e_peers (peer, v) VALUES (?, ?)", (mac, sealed))
-            for msg_id, frame in outbox:
-                plain = self._open(self._keys.state, f"outbox/{bytes(msg_id).hex()}", frame)
-                self._outbox_insert(bytes(msg_id), plain, control=False)
-            for conv, msg_id, status, record in history:
-                ad = f"history/{conv}/{bytes(msg_id).hex()}"
-                fields = json.loads(self._open(self._keys.history, ad, record))
-                self._history_insert(conv, bytes(msg_id), int(status), fields)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-        with contextlib.suppress(sqlite3.Error):  # old pages out of the WAL file too
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    @staticmethod
-    def _acquire_lock(path: Path) -> Any:
-        try:
-            handle = open(path, "a+")  # noqa: SIM115 (held for the store's lifetime)
-            os.chmod(path, 0o600)
-        except OSError as exc:
-            raise StorageError(f"cannot create {path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            handle.close()
-            raise UsageError(
-                "another securechat process is using this identity (talk, send or receive); "
-                "run one at a time per identity"
-            ) from exc
-        return handle
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        db = getattr(self, "_db", None)
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
         if self._lock_file is not None:
             self._lock_file.close()
 
-    # --- sealing and row keys ----------------------------------------------------------------
-
-    def _mac(self, label: bytes, value: bytes) -> bytes:
-        digest = nacl.bindings.crypto_generichash_blake2b_salt_personal(
-            label + b"\x00" + value, digest_size=MAC_SIZE, key=self._keys.index
-        )
-        return bytes(digest)
+    def _migrated_outbox(self, msg_id: bytes, frame: bytes) -> None:
+        self._outbox_insert(msg_id, frame, control=False)  # schema 2 queued only messages
 
     def peer_key(self, peer_dh: bytes) -> bytes:
         """The row key of a peer (its identity X25519 key never reaches the file)."""
-        return self._mac(b"peer", peer_dh)
-
-    def _msg_key(self, msg_id: bytes) -> bytes:
-        return self._mac(b"msg", msg_id)
-
-    def _conv_key(self, conv: str) -> bytes:
-        return self._mac(b"conv", conv.encode())
-
-    @staticmethod
-    def _seal(key: bytes, ad: str, data: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
-        return nonce + nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            data, ad.encode(), nonce, key
-        )
+        return self._seal.peer_key(peer_dh)
 
     def _open(self, key: bytes, ad: str, blob: bytes) -> bytes:
-        try:
-            return bytes(
-                nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                    blob[_NONCE:], ad.encode(), blob[:_NONCE], key
-                )
-            )
-        except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-            raise StorageError(
-                f"{self.path} is corrupt or belongs to another identity ({ad.split('/')[0]}); "
-                "move it away to start fresh"
-            ) from exc
+        return self._seal.open(key, ad, blob)
 
     # --- transactions ----------------------------------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Everything inside commits together or not at all."""
-        try:
+        with map_exceptions({sqlite3.Error: StorageError}, f"cannot write {self.path}"):
             self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot write {self.path}: {exc}") from exc
         try:
             yield
         except BaseException:
@@ -326,13 +183,14 @@ class ClientStore:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise StorageError(f"cannot write {self.path}: {exc} (disk full?)") from exc
+            raise StorageError(
+                f"cannot write {self.path}: {exc}",
+                hint="is the disk full? free some space and run it again: nothing was lost",
+            ) from exc
 
     def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        try:
+        with map_exceptions({sqlite3.Error: StorageError}, f"client state {self.path}"):
             return self._db.execute(sql, params)
-        except sqlite3.Error as exc:
-            raise StorageError(f"client state {self.path}: {exc}") from exc
 
     # --- meta blobs (e2e state, known peers) -------------------------------------------------
 
@@ -341,7 +199,7 @@ class ClientStore:
         return None if row is None else self._open(self._keys.state, f"meta/{name}", row[0])
 
     def put_blob(self, name: str, data: bytes) -> None:
-        sealed = self._seal(self._keys.state, f"meta/{name}", data)
+        sealed = self._seal.seal(self._keys.state, f"meta/{name}", data)
         self._exec("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (name, sealed))
 
     def delete_blob(self, name: str) -> None:
@@ -373,12 +231,12 @@ class ClientStore:
         return the bytes written."""
         written = 0
         if core is not None:
-            sealed = self._seal(self._keys.state, E2E_CORE_KEY, core)
+            sealed = self._seal.seal(self._keys.state, E2E_CORE_KEY, core)
             self._exec("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (E2E_CORE_KEY, sealed))
             written += len(sealed)
         for peer_dh, row in peers.items():
             key = self.peer_key(peer_dh)
-            sealed = self._seal(self._keys.state, f"e2e/peer/{key.hex()}", row)
+            sealed = self._seal.seal(self._keys.state, f"e2e/peer/{key.hex()}", row)
             self._exec("INSERT OR REPLACE INTO e2e_peers (peer, v) VALUES (?, ?)", (key, sealed))
             written += len(sealed)
         for peer_dh in deleted:
@@ -388,8 +246,8 @@ class ClientStore:
     # --- outbox ------------------------------------------------------------------------------
 
     def _outbox_insert(self, msg_id: bytes, frame: bytes, *, control: bool) -> None:
-        key = self._msg_key(msg_id)
-        sealed = self._seal(self._keys.state, f"outbox/{key.hex()}", frame)
+        key = self._seal.msg_key(msg_id)
+        sealed = self._seal.seal(self._keys.state, f"outbox/{key.hex()}", frame)
         self._exec(
             "INSERT OR IGNORE INTO outbox (msg, control, frame) VALUES (?, ?, ?)",
             (key, int(control), sealed),
@@ -399,7 +257,7 @@ class ClientStore:
         self._outbox_insert(msg_id, frame, control=control)
 
     def outbox_remove(self, msg_id: bytes) -> bool:
-        cur = self._exec("DELETE FROM outbox WHERE msg = ?", (self._msg_key(msg_id),))
+        cur = self._exec("DELETE FROM outbox WHERE msg = ?", (self._seal.msg_key(msg_id),))
         return cur.rowcount > 0
 
     def outbox(self) -> list[OutboxItem]:
@@ -416,11 +274,13 @@ class ClientStore:
     # --- held messages (waiting for a peer's prekeys) -----------------------------------------
 
     def held_add(self, conv: str, msg_id: bytes, record: dict[str, Any]) -> None:
-        key = self._msg_key(msg_id)
-        sealed = self._seal(self._keys.history, f"held/{key.hex()}", json.dumps(record).encode())
+        key = self._seal.msg_key(msg_id)
+        sealed = self._seal.seal(
+            self._keys.history, f"held/{key.hex()}", json.dumps(record).encode()
+        )
         self._exec(
             "INSERT OR IGNORE INTO held (conv, msg, v) VALUES (?, ?, ?)",
-            (self._conv_key(conv), key, sealed),
+            (self._seal.conv_key(conv), key, sealed),
         )
 
     def held(self) -> list[dict[str, Any]]:
@@ -430,12 +290,12 @@ class ClientStore:
         ]
 
     def held_remove(self, msg_id: bytes) -> None:
-        self._exec("DELETE FROM held WHERE msg = ?", (self._msg_key(msg_id),))
+        self._exec("DELETE FROM held WHERE msg = ?", (self._seal.msg_key(msg_id),))
 
     def held_count(self, conv: str | None = None) -> int:
         if conv is None:
             return int(self._exec("SELECT COUNT(*) FROM held").fetchone()[0])
-        row = self._exec("SELECT COUNT(*) FROM held WHERE conv = ?", (self._conv_key(conv),))
+        row = self._exec("SELECT COUNT(*) FROM held WHERE conv = ?", (self._seal.conv_key(conv),))
         return int(row.fetchone()[0])
 
     # --- receipts: due to peers, and received for our messages ----------------------------------
@@ -443,7 +303,7 @@ class ClientStore:
     def receipt_due(self, peer_dh: bytes, kind: int, msg_id: bytes) -> None:
         key = self.peer_key(peer_dh)
         value = peer_dh + bytes([kind]) + msg_id
-        sealed = self._seal(self._keys.state, f"receipts/{key.hex()}", value)
+        sealed = self._seal.seal(self._keys.state, f"receipts/{key.hex()}", value)
         self._exec("INSERT INTO receipts_due (peer, v) VALUES (?, ?)", (key, sealed))
 
     def receipts_due(self, limit: int) -> list[DueReceipt]:
@@ -462,7 +322,7 @@ class ClientStore:
 
     def delivered_add(self, msg_id: bytes, peer_dh: bytes) -> int:
         """Record ``peer``'s end-to-end receipt for ``msg_id``; return how many peers have."""
-        key = self._msg_key(msg_id)
+        key = self._seal.msg_key(msg_id)
         self._exec(
             "INSERT OR IGNORE INTO delivered (msg, peer) VALUES (?, ?)",
             (key, self.peer_key(peer_dh)),
@@ -475,9 +335,9 @@ class ClientStore:
     def _history_insert(
         self, conv: str, msg_id: bytes, status: int, record: dict[str, Any]
     ) -> bool:
-        conv_key, msg_key = self._conv_key(conv), self._msg_key(msg_id)
+        conv_key, msg_key = self._seal.conv_key(conv), self._seal.msg_key(msg_id)
         record = {**record, "conv": conv, "msg_id": msg_id.hex()}
-        sealed = self._seal(
+        sealed = self._seal.seal(
             self._keys.history,
             f"history/{conv_key.hex()}/{msg_key.hex()}",
             json.dumps(record).encode(),
@@ -496,7 +356,7 @@ class ClientStore:
         """Raise a message's status (never lower it); True if it changed."""
         cur = self._exec(
             "UPDATE history SET status = ? WHERE msg = ? AND status < ?",
-            (status, self._msg_key(msg_id), status),
+            (status, self._seal.msg_key(msg_id), status),
         )
         return cur.rowcount > 0
 
@@ -509,7 +369,7 @@ class ClientStore:
         rows = self._exec(
             "SELECT conv, msg, status, record FROM history WHERE conv = ? "
             "ORDER BY seq DESC LIMIT ?",
-            (self._conv_key(conv), limit),
+            (self._seal.conv_key(conv), limit),
         ).fetchall()
         return [self._entry(bytes(c), bytes(m), int(s), r) for c, m, s, r in reversed(rows)]
 
@@ -517,7 +377,7 @@ class ClientStore:
         """The history entry of one message (the first, if a group shares the id)."""
         row = self._exec(
             "SELECT conv, msg, status, record FROM history WHERE msg = ? ORDER BY seq LIMIT 1",
-            (self._msg_key(msg_id),),
+            (self._seal.msg_key(msg_id),),
         ).fetchone()
         if row is None:
             return None

@@ -48,12 +48,16 @@ from securechat.relay.limits import INITIAL_FRAME_ALLOWANCE, RelayConfig, TokenB
 
 
 class ConnState(IntEnum):
+    """Where a connection is in its life (transitions: ``CONN_TRANSITIONS``, module docstring)."""
+
     HANDSHAKE = 0
     OPEN = 1
     CLOSED = 2
 
 
 class DeliveryMode(IntEnum):
+    """How new copies reach an OPEN recipient: through the store in order, or live."""
+
     SYNCING = 0
     STORE = 1
     LIVE = 2
@@ -277,6 +281,15 @@ class Conn:
     def backlog(self) -> int:
         """Output not yet on the wire: ciphertext the kernel refused plus this turn's frames."""
         return len(self.out) + self.pending_size
+
+    def drop_output(self) -> int:
+        """Closed: forget its output (nothing more is written); the ciphertext bytes
+        the kernel had refused, which the loop counted as held."""
+        held = len(self.out)
+        self.pending.clear()
+        self.pending_size = 0
+        self.out = bytearray()
+        return held
 
     def authenticate(self, identity: bytes, claim: bytes) -> bool:
         """The handshake completed with ``identity`` and the message-3 payload ``claim``:

@@ -43,7 +43,7 @@ than returned lists of actions (h11 returns events): Send -> Deliver -> Ack runs
 tens of thousands of times a second, and a list and an action object per frame
 are allocations the loop then pays for in garbage collection; a call on a port
 allocates nothing, and a test's port records the same actions
-(``tests/unit/test_relay_delivery.py``).
+(``tests/unit/test_relay_delivery_rules.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from securechat.relay.conn import (
     Conn,
     Copy,
     Inflight,
-    Loop,
     Submission,
 )
 from securechat.relay.intake import Intake, Wait
@@ -72,14 +71,12 @@ from securechat.relay.limits import (
     MAX_CONN_STORE_COST,
     MAX_INFLIGHT,
     STORE_REQUEST_COST,
-    RelayConfig,
 )
 from securechat.relay.mailboxes import (
     Delete,
     Fetch,
     Insert,
     InsertResult,
-    Mailboxes,
     MarkKnown,
     Row,
 )
@@ -96,20 +93,13 @@ STALL_TURNS: Final = 3  # ... and this many loop turns, nothing read since: stal
 class Delivery:
     """The delivery rules for the connections of one loop; see the module docstring."""
 
-    def __init__(
-        self,
-        loop: Loop,
-        intake: Intake,
-        router: Router,
-        store: Mailboxes,
-        config: RelayConfig,
-        services: Services,
-    ) -> None:
-        self.loop = loop
+    def __init__(self, intake: Intake, router: Router, services: Services) -> None:
+        # The loop, store and config are the intake's: one place says whose they are.
+        self.loop = intake.loop
         self.intake = intake
         self.router = router
-        self.store = store
-        self.config = config
+        self.store = intake.store
+        self.config = intake.config
         self.services = services
         # Payload of live deliveries awaiting their Ack, over all of the loop's connections
         # (bounded by worker_inflight_high_water, see ``stalled``).

@@ -29,8 +29,9 @@ list of :data:`Row`, :class:`Published`, :class:`Bundle`, ``bool``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 R = TypeVar("R")
 
@@ -103,60 +104,39 @@ class Poster(Protocol):
     def call_soon(self, fn: Callable[..., None], *args: Any) -> None: ...
 
 
+# Requests are data (fields, no closures over the store), compared by identity
+# (``eq=False``): each is answered once, through its own reply.
+@dataclass(slots=True, eq=False)
 class Request(Generic[R]):
     """One unit of store work: ``run`` on the store's thread, ``reply`` on ``poster``.
 
     ``size``: the payload bytes the request holds while queued (an :class:`Insert`'s).
     """
 
-    __slots__ = ("poster", "reply")
-    size = 0
-
-    def __init__(self, poster: Poster | None, reply: Callable[[R | None], None] | None) -> None:
-        self.poster = poster
-        self.reply = reply
+    poster: Poster | None = field(repr=False)
+    reply: Callable[[R | None], None] | None = field(repr=False)
+    size: ClassVar[int] = 0
 
     def run(self, store: Backend, now_ms: int) -> R:
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{name}={getattr(self, name)!r}"
-            for cls in type(self).__mro__
-            for name in getattr(cls, "__slots__", ())
-            if name not in ("poster", "reply")
-        )
-        return f"{type(self).__name__}({fields})"
 
-
+@dataclass(slots=True, eq=False)
 class Insert(Request[InsertResult]):
     """Store one copy; ``force`` skips the per-mailbox, sender and prefix quotas (a copy
     already delivered live, not acknowledged in time). ``origin``: the sender's prefix."""
 
-    __slots__ = ("force", "mailbox", "msg_id", "origin", "payload", "sender", "size", "ts")
+    mailbox: bytes
+    sender: bytes
+    msg_id: bytes
+    ts: int
+    payload: bytes
+    force: bool = field(kw_only=True)
+    origin: bytes = field(kw_only=True)
+    size: int = field(init=False, repr=False)  # type: ignore[misc]
 
-    def __init__(
-        self,
-        poster: Poster | None,
-        reply: Callable[[InsertResult | None], None] | None,
-        mailbox: bytes,
-        sender: bytes,
-        msg_id: bytes,
-        ts: int,
-        payload: bytes,
-        *,
-        force: bool,
-        origin: bytes,
-    ) -> None:
-        super().__init__(poster, reply)
-        self.mailbox = mailbox
-        self.sender = sender
-        self.msg_id = msg_id
-        self.ts = ts
-        self.payload = payload
-        self.force = force
-        self.origin = origin
-        self.size = len(payload)
+    def __post_init__(self) -> None:
+        self.size = len(self.payload)
 
     def run(self, store: Backend, now_ms: int) -> InsertResult:
         return store.insert(
@@ -170,105 +150,60 @@ class Insert(Request[InsertResult]):
         )
 
 
+@dataclass(slots=True, eq=False)
 class Fetch(Request[list[Row]]):
     """The next rows of ``mailbox`` after ``seq``: at most ``limit``, stopping at the row that
     reaches ``max_bytes`` of payload (not expired at the store's clock)."""
 
-    __slots__ = ("limit", "mailbox", "max_bytes", "seq")
-
-    def __init__(
-        self,
-        poster: Poster | None,
-        reply: Callable[[list[Row] | None], None] | None,
-        mailbox: bytes,
-        seq: int,
-        limit: int,
-        max_bytes: int,
-    ) -> None:
-        super().__init__(poster, reply)
-        self.mailbox = mailbox
-        self.seq = seq
-        self.limit = limit
-        self.max_bytes = max_bytes
+    mailbox: bytes
+    seq: int
+    limit: int
+    max_bytes: int
 
     def run(self, store: Backend, now_ms: int) -> list[Row]:
         return store.fetch(self.mailbox, self.seq, self.limit, now_ms, self.max_bytes)
 
 
+@dataclass(slots=True, eq=False)
 class Delete(Request[None]):
     """Delete acknowledged copies ``(sender, msg_id)`` from ``mailbox``."""
 
-    __slots__ = ("keys", "mailbox")
-
-    def __init__(
-        self,
-        poster: Poster | None,
-        reply: Callable[[None], None] | None,
-        mailbox: bytes,
-        keys: list[tuple[bytes, bytes]],
-    ) -> None:
-        super().__init__(poster, reply)
-        self.mailbox = mailbox
-        self.keys = keys
+    mailbox: bytes
+    keys: list[tuple[bytes, bytes]]
 
     def run(self, store: Backend, now_ms: int) -> None:
         for sender, msg_id in self.keys:
             store.delete(self.mailbox, sender, msg_id)
 
 
+@dataclass(slots=True, eq=False)
 class Publish(Request[Published]):
     """Store an identity's prekey bundle (protocol 3.4)."""
 
-    __slots__ = ("identity", "otks", "spk")
-
-    def __init__(
-        self,
-        poster: Poster | None,
-        reply: Callable[[Published | None], None] | None,
-        identity: bytes,
-        spk: bytes,
-        otks: tuple[bytes, ...],
-    ) -> None:
-        super().__init__(poster, reply)
-        self.identity = identity
-        self.spk = spk
-        self.otks = otks
+    identity: bytes
+    spk: bytes
+    otks: tuple[bytes, ...]
 
     def run(self, store: Backend, now_ms: int) -> Published:
         return store.publish_prekeys(self.identity, self.spk, self.otks)
 
 
+@dataclass(slots=True, eq=False)
 class TakePrekeys(Request[Bundle]):
     """Hand out ``identity``'s bundle, with a one-time prekey if ``one_time``."""
 
-    __slots__ = ("identity", "one_time")
-
-    def __init__(
-        self,
-        poster: Poster | None,
-        reply: Callable[[Bundle | None], None] | None,
-        identity: bytes,
-        *,
-        one_time: bool,
-    ) -> None:
-        super().__init__(poster, reply)
-        self.identity = identity
-        self.one_time = one_time
+    identity: bytes
+    one_time: bool = field(kw_only=True)
 
     def run(self, store: Backend, now_ms: int) -> Bundle:
         return store.take_prekeys(self.identity, one_time=self.one_time)
 
 
+@dataclass(slots=True, eq=False)
 class MarkKnown(Request[bool]):
     """Record that ``mailbox``'s identity connected (its waiting frames get the full ttl)."""
 
-    __slots__ = ("mailbox",)
-
-    def __init__(
-        self, poster: Poster | None, reply: Callable[[bool | None], None] | None, mailbox: bytes
-    ):
-        super().__init__(poster, reply)
-        self.mailbox = mailbox
+    mailbox: bytes
 
     def run(self, store: Backend, now_ms: int) -> bool:
         return store.mark_known(self.mailbox)

@@ -37,6 +37,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
 
@@ -153,10 +154,10 @@ class RedisMailboxes:
         Redis, so an insert on another node either precedes the claim (and the
         fetch finds it) or follows it (and sees the claim, and tells this node).
         """
-        self.submit(_Claim(mailbox, self._node, since, release=False))
+        self.submit(_Claim(None, None, mailbox, self._node, since, is_release=False))
 
     def release(self, mailbox: bytes, since: int) -> None:
-        self.submit(_Claim(mailbox, self._node, since, release=True))
+        self.submit(_Claim(None, None, mailbox, self._node, since, is_release=True))
 
     # --- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -343,17 +344,14 @@ class RedisMailboxes:
         self._known[mailbox] = None
 
 
+@dataclass(slots=True, eq=False)
 class _Claim(Request[None]):
     """Set (or release, if still ours) the node that holds a mailbox's connection."""
 
-    __slots__ = ("is_release", "mailbox", "node", "since")
-
-    def __init__(self, mailbox: bytes, node: str, since: int, *, release: bool) -> None:
-        super().__init__(None, None)
-        self.mailbox = mailbox
-        self.node = node
-        self.since = since
-        self.is_release = release
+    mailbox: bytes
+    node: str
+    since: int
+    is_release: bool = field(kw_only=True)
 
 
 def _no_function(value: Any) -> bool:

@@ -11,7 +11,7 @@ either: actions go out through the loop (``conn.Loop``) and the store
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from securechat.relay.conn import Conn, Loop
 from securechat.relay.delivery import Delivery
@@ -29,23 +29,37 @@ SLOW_TIMERS_S: Final = 1.0  # deadlines and invite expiry: once a second is plen
 Guard = Callable[..., None]  # guard(conn, fn, *args): run fn, close conn if it raises
 
 
+class Shared(Protocol):
+    """What the loops of one relay share (``context.RelayContext``; in tests an
+    in-memory relay). Read-only here, so a test may hand subclasses."""
+
+    @property
+    def config(self) -> RelayConfig: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def store(self) -> Mailboxes: ...
+
+    @property
+    def budgets(self) -> Budgets: ...
+
+    @property
+    def rendezvous(self) -> Rendezvous[Conn]: ...
+
+    @property
+    def partial(self) -> PartialBytes[Conn]: ...
+
+
 class Rules:
     """Intake, delivery and services for the connections of ``loop``."""
 
-    def __init__(
-        self,
-        loop: Loop,
-        config: RelayConfig,
-        router: Router,
-        store: Mailboxes,
-        budgets: Budgets,
-        rendezvous: Rendezvous[Conn],
-        partial: PartialBytes[Conn],
-    ) -> None:
+    def __init__(self, loop: Loop, shared: Shared) -> None:
         self.loop = loop
-        self.intake = Intake(loop, config, store, partial)
-        self.services = Services(loop, self.intake, router, store, budgets, rendezvous)
-        self.delivery = Delivery(loop, self.intake, router, store, config, self.services)
+        self.intake = Intake(loop, shared.config, shared.store, shared.partial)
+        self.services = Services(self.intake, shared.router, shared.budgets, shared.rendezvous)
+        self.delivery = Delivery(self.intake, shared.router, self.services)
         self.intake.handlers = {**self.delivery.handlers(), **self.services.handlers()}
         self._next_inflight = 0.0
         self._next_slow = 0.0

@@ -7,7 +7,7 @@ the key, open the store, start the threads.
 Threads: ``--workers`` I/O workers (selector loops, see ``worker.py``; each
 also watches the non-blocking listening socket and accepts into its own
 loop, subject to the admission rules of ``guard.Admission``), one store thread
-(SQLite group commit, see ``store.py``). No thread per connection. The main
+(SQLite group commit, see ``store_thread.py``). No thread per connection. The main
 thread waits for SIGINT/SIGTERM and logs a summary of refused connections.
 
 Shutdown order: stop accepting; each worker sends ``Error(SERVER_SHUTDOWN)``

@@ -31,10 +31,10 @@ from typing import Any
 
 from securechat.core import wire
 from securechat.relay import guard
-from securechat.relay.conn import Conn, Loop
+from securechat.relay.conn import Conn
 from securechat.relay.intake import Intake, Wait
 from securechat.relay.limits import PREKEY_LOW_MARKS, SUBSCRIBE_KEYS_PER_COST
-from securechat.relay.mailboxes import Bundle, Mailboxes, Publish, Published, TakePrekeys
+from securechat.relay.mailboxes import Bundle, Publish, Published, TakePrekeys
 from securechat.relay.rendezvous import Action, Rendezvous
 from securechat.relay.router import Router
 
@@ -52,18 +52,12 @@ class Services:
     """Prekeys, presence, keep-alive and invites for the connections of one loop."""
 
     def __init__(
-        self,
-        loop: Loop,
-        intake: Intake,
-        router: Router,
-        store: Mailboxes,
-        budgets: guard.Budgets,
-        rendezvous: Rendezvous[Conn],
+        self, intake: Intake, router: Router, budgets: guard.Budgets, rendezvous: Rendezvous[Conn]
     ) -> None:
-        self.loop = loop
+        self.loop = intake.loop  # the loop and store are the intake's
         self.intake = intake
         self.router = router
-        self.store = store
+        self.store = intake.store
         self.budgets = budgets
         self.rendezvous = rendezvous
 

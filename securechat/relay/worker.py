@@ -12,7 +12,7 @@ coalescing). What a connection is and its states: ``conn.py``.
 Reading a connection stops while any ``B_*`` reason of ``conn.py`` holds (its
 bytes wait in the kernel): this loop sets ``B_OUT`` (output above the
 high-water mark) and ``B_STORE`` (the store's queue is too long); the intake
-the others. Exceptions while handling one connection close that connection,
+sets the others. Exceptions while handling one connection close that connection,
 never the worker; ``OSError`` on a socket closes that connection with
 ``oserrors.describe`` as the reason.
 """
@@ -76,10 +76,8 @@ class Worker:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         # The rules of its connections (no I/O), fed by this loop.
-        rules = Rules(
-            self, ctx.config, ctx.router, ctx.store, ctx.budgets, ctx.rendezvous, ctx.partial
-        )
-        self.rules, self.intake, self.delivery = rules, rules.intake, rules.delivery
+        rules = self.rules = Rules(self, ctx)
+        self.intake, self.delivery = rules.intake, rules.delivery
 
     # --- cross-thread interface --------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +100,7 @@ class Worker:
         calls = self._calls
         calls.owner = threading.get_ident()
         intake = self.intake
+        guard, guard_call = self._guard, self._guard_call  # bound once, not an object per turn
         while True:
             timeout = 0.0 if (calls or intake.backlog) else TICK_S
             try:
@@ -128,9 +127,9 @@ class Worker:
                 except Exception:
                     self._internal_error(conn)
             if intake.backlog:
-                self.rules.backlog(self._guard)
-            calls.run(self._guard_call)
-            self._timers()
+                self.rules.backlog(guard)
+            calls.run(guard_call)
+            self._timers(guard)
             self._flush_dirty()
             if self._stopping:
                 break
@@ -224,10 +223,7 @@ class Worker:
         self.paused.discard(conn)
         self.intake.forget(conn)
         self.ctx.admission.release(conn, conn.ip, conn.prefix)
-        self.held_bytes -= len(conn.out)
-        conn.pending.clear()
-        conn.pending_size = 0
-        conn.out = bytearray()
+        self.held_bytes -= conn.drop_output()
         if was_open:
             log.info("disconnected %s: %s", conn.fp, reason)
             self.delivery.closed(conn)
@@ -393,7 +389,7 @@ class Worker:
             self.sel.register(conn.sock, events, conn)
 
     # --- timers -------------------------------------------------------------------------------
-    def _timers(self) -> None:
+    def _timers(self, guard: Callable[..., None]) -> None:
         now = self.now
         if self._accept_resume and now >= self._accept_resume and not self._stopping:
             self._accept_resume = 0.0
@@ -403,4 +399,4 @@ class Worker:
             paused, self.paused = self.paused, set()
             for conn in paused:
                 self.unblock(conn, B_STORE)
-        self.rules.timers(now, self.conns, self._guard)
+        self.rules.timers(now, self.conns, guard)

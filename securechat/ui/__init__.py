@@ -1,7 +1,8 @@
 """User interfaces (I/O shell): the interactive ``talk`` screen and its pipe mode.
 
-``format`` holds the pure text formatting (tested without a terminal),
-``talk`` the command (arguments, pipe mode), ``screen`` the prompt_toolkit
-application used when stdin and stdout are a terminal and ``lines`` what its
-message area draws. ``script`` holds ``send``, ``receive``, ``history``, ``trust``.
+``format`` holds the pure text formatting and ``chatlog`` what the screen shows
+(both tested without a terminal), ``screen`` the prompt_toolkit application used
+when stdin and stdout are a terminal, ``lines`` how its message area draws,
+``status`` its status line, and ``pipe`` the line filter used otherwise. The
+commands themselves (arguments, exit codes) are in :mod:`securechat.cli`.
 """

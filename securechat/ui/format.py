@@ -15,25 +15,26 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Final
 
-from securechat.client.messenger import (
+from securechat.client.events import (
     STATUS_ACCEPTED,
     STATUS_DELIVERED,
     STATUS_PENDING,
     STATUS_RECEIVED,
     MessageEvent,
 )
+from securechat.errors import UsageError
 
 MARK_PENDING: Final = "…"
 MARK_ACCEPTED: Final = "✓"
 MARK_DELIVERED: Final = "✓✓"
 MARK_REFUSED: Final = "✗ not sent"
-MARKS: Final = {
+MARKS: Final[dict[int, str]] = {
     STATUS_PENDING: MARK_PENDING,
     STATUS_ACCEPTED: MARK_ACCEPTED,
     STATUS_DELIVERED: MARK_DELIVERED,
 }
 
-STATUS_NAMES: Final = {
+STATUS_NAMES: Final[dict[int, str]] = {
     STATUS_PENDING: "pending",
     STATUS_ACCEPTED: "accepted",
     STATUS_DELIVERED: "delivered",
@@ -222,13 +223,12 @@ def unescape_message(line: str) -> str:
 
 
 def history_count(arg: str) -> int:
-    """N for ``/history N``: default when absent; ValueError for junk."""
+    """N for ``/history N``: the default when absent, at most MAX_HISTORY; UsageError for junk."""
     if not arg:
         return DEFAULT_HISTORY
-    count = int(arg)
-    if count <= 0:
-        raise ValueError("N must be positive")
-    return min(count, MAX_HISTORY)
+    if not (arg.isascii() and arg.isdigit()) or int(arg) <= 0:
+        raise UsageError("usage: /history [N] with N a positive number")
+    return min(int(arg), MAX_HISTORY)
 
 
 def members_text(names: list[str], online: dict[str, bool]) -> str:

@@ -16,7 +16,7 @@ from prompt_toolkit.formatted_text import StyleAndTextTuples
 from prompt_toolkit.styles import Style
 from prompt_toolkit.utils import get_cwidth
 
-from securechat.client.messenger import STATUS_ACCEPTED, STATUS_PENDING
+from securechat.client.events import STATUS_ACCEPTED, STATUS_PENDING
 from securechat.ui import format as fmt
 
 STYLE: Final = Style.from_dict(

@@ -13,10 +13,11 @@ screenful of the conversation is printed to the terminal, as other terminal
 chats leave it.
 
 Threads: the messenger reports from its network thread, and ``send_text``
-(which may wait for a peer's prekeys) runs on a one-worker executor so the
-UI never blocks and messages keep their order. Neither thread touches the
-screen state: they put events on a queue and wake the UI loop with
-``call_soon_threadsafe``; only the UI thread mutates :class:`ChatScreen`.
+(sealing and a store commit, behind the network thread's lock) runs on a
+one-worker executor so the UI never blocks and messages keep their order.
+Neither thread touches the screen state: they put events on a queue and wake
+the UI loop with ``call_soon_threadsafe``; only the UI thread mutates
+:class:`ChatScreen` and its :class:`~securechat.ui.chatlog.ChatLog`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import queue
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Final
 
 from prompt_toolkit.application import Application
@@ -42,69 +42,33 @@ from prompt_toolkit.layout.dimension import Dimension
 from prompt_toolkit.widgets import TextArea
 
 from securechat.client import app, keystore
-from securechat.client.messenger import (
-    STATUS_PENDING,
-    ConnectionEvent,
-    Conversation,
-    Event,
-    MessageEvent,
-    Messenger,
-    NoticeEvent,
-    PresenceEvent,
-    StatusEvent,
-)
+from securechat.client.events import STATUS_PENDING
+from securechat.client.messenger import Messenger
+from securechat.client.peers import Conversation
 from securechat.core import envelope, keys
-from securechat.errors import SecureChatError
+from securechat.errors import SecureChatError, UsageError
 from securechat.ui import format as fmt
 from securechat.ui import status as status_line
-from securechat.ui.lines import (
-    STYLE,
-    Line,
-    history_line,
-    message_text,
-    render,
-    rows,
-    transcript,
-)
-from securechat.ui.talk import check_peers
+from securechat.ui.chatlog import ChatLog, ScreenEvent, SendFailed, Sent
+from securechat.ui.lines import STYLE, Line, message_text, render, rows
 
-MAX_LINES: Final = 2000  # message-area lines kept in memory; older ones scroll away
-MAX_EARLY_STATUS: Final = 1000  # acknowledgements that overtook send_text's return
 MAX_INPUT_ROWS: Final = 6  # the input grows to this many rows for a multi-line text
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    line: Line
-    msg_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _SendFailed:
-    line: Line
-    reason: str
-
-
 class ChatScreen:
-    """State and rendering of one talk session; see the module docstring."""
+    """Input, commands and drawing of one talk session; its lines are a :class:`ChatLog`."""
 
     def __init__(self, peers: list[keys.PublicIdentity], relay: str) -> None:
         self._peers = peers
         self._relay = relay
-        self._events: queue.SimpleQueue[Event | _Sent | _SendFailed] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[ScreenEvent] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lines: list[Line] = []
-        self._by_id: dict[bytes, Line] = {}
-        self._early: dict[bytes, int] = {}
-        self._connected = False
-        self._conn_detail = f"connecting to {relay}…"
-        self._online: dict[str, bool] = {}
+        self.log = ChatLog(relay)
         self._pending = 0
         self._blocked: dict[str, str] = {}  # peer name -> why we refuse to send
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securechat-send")
         self._messenger: Messenger | None = None
         self._conv: Conversation | None = None
-        self._reasons: set[str] = set()  # connection failures already told in full
         self.input = TextArea(
             prompt=[("class:prompt", "> ")],
             multiline=True,
@@ -124,7 +88,7 @@ class ChatScreen:
 
     # --- from other threads ---------------------------------------------------------------
 
-    def post(self, event: Event | _Sent | _SendFailed) -> None:
+    def post(self, event: ScreenEvent) -> None:
         """Thread-safe: queue an event and wake the UI loop (if it runs yet)."""
         self._events.put(event)
         loop = self._loop
@@ -138,14 +102,15 @@ class ChatScreen:
     def attach(self, messenger: Messenger, conv: Conversation) -> None:
         self._messenger = messenger
         self._conv = conv
+        self.log.conv_id = conv.conv_id
         me = messenger.identity.public
         names = ", ".join(fmt.safe(p.name) for p in conv.peers)
-        self._info(f"securechat talk: {fmt.safe(me.name)} with {names}. /help lists commands.")
-        self._blocked = check_peers(messenger, self._peers)
+        self.log.info(f"securechat talk: {fmt.safe(me.name)} with {names}. /help lists commands.")
+        self._check_peers()
         for warning in self._blocked.values():
-            self._add(Line("warn", warning))
+            self.log.add(Line("warn", warning))
         if self._blocked:
-            self._add(
+            self.log.add(
                 Line(
                     "warn",
                     "Messages will NOT be sent until you accept the new key "
@@ -171,64 +136,14 @@ class ChatScreen:
                 event = self._events.get_nowait()
             except queue.Empty:
                 break
-            self._apply(event)
+            self.log.apply(event, self._failure())
         if self._messenger is not None:
             self._pending = self._messenger.pending()
         self.application.invalidate()
 
-    # --- events ---------------------------------------------------------------------------
-
-    def _apply(self, event: Event | _Sent | _SendFailed) -> None:
-        if isinstance(event, MessageEvent):
-            self._on_message(event)
-        elif isinstance(event, StatusEvent):
-            self._set_status(event.msg_id, event.status)
-        elif isinstance(event, _Sent):
-            self._by_id[event.msg_id] = event.line
-            early = self._early.pop(event.msg_id, None)
-            if early is not None:
-                self._set_status(event.msg_id, early)
-        elif isinstance(event, _SendFailed):
-            event.line.refused = True
-            self._add(Line("error", f"not sent: {event.reason}"))
-        elif isinstance(event, ConnectionEvent):
-            if event.connected != self._connected:
-                self._add(
-                    Line(
-                        "notice",
-                        "connected to the relay"
-                        if event.connected
-                        else "relay connection lost; messages wait in the outbox",
-                    )
-                )
-            self._connected = event.connected
-            self._conn_detail = event.detail
-            if not event.connected:
-                self._tell_reason()
-        elif isinstance(event, NoticeEvent):
-            self._add(Line("error" if event.error else "notice", fmt.safe(event.text)))
-        elif isinstance(event, PresenceEvent):
-            before = self._online.get(event.name)
-            if before != event.online:
-                # The first report is a state, later ones are joins and leaves.
-                state = (
-                    "is online"
-                    if event.online
-                    else ("is offline" if before is None else "went offline")
-                )
-                self._add(Line("notice", f"{fmt.safe(event.name)} {state}"))
-            self._online[event.name] = event.online
-
-    def _tell_reason(self) -> None:
-        """Each distinct cause of a failed connection once in full (the status line is short)."""
-        failure = self._failure()
-        if failure is not None and failure not in self._reasons and len(self._reasons) < 100:
-            self._reasons.add(failure)
-            self._add(Line("error", f"cannot connect: {fmt.safe(failure)}"))
-
     def _failure(self) -> str | None:
         error = self._failure_error()
-        return None if error is None else str(error)
+        return None if error is None else error.full_text()
 
     def _failure_error(self) -> SecureChatError | None:
         messenger = self._messenger
@@ -236,35 +151,10 @@ class ChatScreen:
             return None
         return messenger.fatal or messenger.last_connect_error
 
-    def _on_message(self, event: MessageEvent) -> None:
-        label = fmt.sender_label(event.sender_name, event.sender_fingerprint, event.verified)
-        other = self._conv is not None and event.conv != self._conv.conv_id
-        self._add(
-            Line(
-                "msg",
-                message_text(event.text),
-                fmt.clock(event.sent_ms),
-                label,
-                "peer" if event.verified else "unverified",
-                other_conv=other,
-            )
-        )
-
-    def _set_status(self, msg_id: bytes, status: int) -> None:
-        line = self._by_id.get(msg_id)
-        if line is None:
-            if len(self._early) < MAX_EARLY_STATUS:
-                self._early[msg_id] = max(status, self._early.get(msg_id, status))
-            return
-        line.status = max(status, line.status if line.status is not None else status)
-
-    def _add(self, line: Line) -> None:
-        self._lines.append(line)
-        if len(self._lines) > MAX_LINES:
-            del self._lines[: len(self._lines) - MAX_LINES]
-
-    def _info(self, text: str) -> None:
-        self._add(Line("info", text))
+    def _check_peers(self) -> None:
+        assert self._messenger is not None
+        changed = self._messenger.check_peers(self._peers)
+        self._blocked = {name: exc.full_text() for name, exc in changed.items()}
 
     # --- input ----------------------------------------------------------------------------
 
@@ -277,7 +167,7 @@ class ChatScreen:
         text = fmt.unescape_message(buffer.text)
         size = len(text.encode())
         if size > envelope.MAX_TEXT_BYTES:
-            self._add(
+            self.log.add(
                 Line(
                     "error",
                     f"not sent: {size} bytes is more than the "
@@ -302,61 +192,60 @@ class ChatScreen:
             "own",
             status=STATUS_PENDING,
         )
-        self._add(line)
+        self.log.add(line)
         if self._blocked:
             line.refused = True
             for warning in self._blocked.values():
-                self._add(Line("warn", warning))
+                self.log.add(Line("warn", warning))
             return
         if messenger.fatal is not None:
             # A changed relay key (or a dead network thread): queuing would send the text
             # later, behind the user's back, after they may have typed it again.
             line.refused = True
-            self._add(Line("error", f"not sent, nothing queued: {fmt.safe(str(messenger.fatal))}"))
+            why = fmt.safe(messenger.fatal.full_text())
+            self.log.add(Line("error", f"not sent, nothing queued: {why}"))
             return
 
         def work() -> None:
             try:
-                self.post(_Sent(line, messenger.send_text(conv, text)))
+                self.post(Sent(line, messenger.send_text(conv, text)))
             except SecureChatError as exc:
-                self.post(_SendFailed(line, str(exc)))
+                self.post(SendFailed(line, exc.full_text()))
 
         self._sender.submit(work)
 
     def _command(self, command: fmt.Command) -> None:
         messenger, conv = self._messenger, self._conv
         assert messenger is not None and conv is not None
+        me = messenger.identity.public
         if command.name == "quit":
             self.application.exit(result=0)
         elif command.name == "help":
             for text in fmt.HELP_TEXT:
-                self._info(text)
+                self.log.info(text)
         elif command.name == "peers":
-            self._show_peers(messenger, conv)
+            self._show_peers(conv)
         elif command.name == "fingerprint":
-            me = messenger.identity.public
-            self._info(f"your fingerprint ({fmt.safe(me.name)}): {me.fingerprint}")
+            self.log.info(f"your fingerprint ({fmt.safe(me.name)}): {me.fingerprint}")
         elif command.name == "verify":
-            me = messenger.identity.public
             for peer in conv.peers:
-                self._info(
-                    f"safety number with {fmt.safe(peer.name)}: {keys.safety_number(me, peer)}"
-                )
-            self._info(
+                number = keys.safety_number(me, peer)
+                self.log.info(f"safety number with {fmt.safe(peer.name)}: {number}")
+            self.log.info(
                 "compare it with each peer in person or by phone; equal numbers mean "
                 "no one is in the middle"
             )
         elif command.name == "history":
             try:
                 count = fmt.history_count(command.arg)
-            except ValueError:
-                self._add(Line("error", "usage: /history [N] with N a positive number"))
+            except UsageError as exc:
+                self.log.add(Line("error", str(exc)))
                 return
             self._show_history(count, header=f"last {count} messages")
         elif command.name == "trust":
             self._trust(messenger, command.arg)
         else:
-            self._add(
+            self.log.add(
                 Line(
                     "error",
                     f"unknown command /{fmt.safe(command.arg)}: /help lists "
@@ -364,37 +253,31 @@ class ChatScreen:
                 )
             )
 
-    def _show_peers(self, messenger: Messenger, conv: Conversation) -> None:
+    def _show_peers(self, conv: Conversation) -> None:
         for peer in conv.peers:
-            online = self._online.get(peer.name)
+            online = self.log.online.get(peer.name)
             state = "presence unknown" if online is None else ("online" if online else "offline")
             flag = "  KEY CHANGED, not trusted" if peer.name in self._blocked else ""
-            self._info(f"{fmt.safe(peer.name):<12} {peer.fingerprint}  {state}{flag}")
+            self.log.info(f"{fmt.safe(peer.name):<12} {peer.fingerprint}  {state}{flag}")
 
     def _show_history(self, count: int, *, header: str) -> None:
         messenger, conv = self._messenger, self._conv
         assert messenger is not None and conv is not None
-        records = messenger.history(conv.conv_id, count)
-        if not records:
-            return
-        self._add(Line("notice", f"── {header} ──"))
-        for record in records:
-            self._add(history_line(record, self._by_id))
-        self._add(Line("notice", "──"))
+        self.log.show_history(messenger.history(conv.conv_id, count), header)
 
     def _trust(self, messenger: Messenger, name: str) -> None:
         if not name:
-            self._add(Line("error", "usage: /trust NAME (the peer whose new key you verified)"))
+            self.log.add(Line("error", "usage: /trust NAME (the peer whose new key you verified)"))
             return
         try:
             peer = keystore.load_public(name, peer=True)
-            replaced = messenger.peers.trust(peer)
+            replaced = messenger.trust(peer)
         except SecureChatError as exc:
-            self._add(Line("error", fmt.safe(str(exc))))
+            self.log.add(Line("error", fmt.safe(exc.full_text())))
             return
         what = "now trusted (the old key is forgotten)" if replaced else "trusted"
-        self._info(f"{fmt.safe(peer.name)}'s key {peer.fingerprint} is {what}")
-        self._blocked = check_peers(messenger, self._peers)
+        self.log.info(f"{fmt.safe(peer.name)}'s key {peer.fingerprint} is {what}")
+        self._check_peers()
 
     # --- rendering ------------------------------------------------------------------------
 
@@ -411,15 +294,15 @@ class ChatScreen:
         return Layout(HSplit([messages, status, self.input]), focused_element=self.input)
 
     def _last_line(self) -> Point:
-        return Point(0, max(0, sum(rows(line) for line in self._lines) - 1))
+        return Point(0, max(0, sum(rows(line) for line in self.log.lines) - 1))
 
     def transcript(self, max_rows: int) -> list[str]:
         """The last ``max_rows`` rows of the conversation as plain text."""
-        return transcript(self._lines, max_rows)
+        return self.log.transcript(max_rows)
 
     def _message_fragments(self) -> StyleAndTextTuples:
         out: StyleAndTextTuples = []
-        for line in self._lines:
+        for line in self.log.lines:
             out.extend(render(line))
             out.append(("", "\n"))
         if out:
@@ -429,12 +312,12 @@ class ChatScreen:
     def _status_fragments(self) -> StyleAndTextTuples:
         messenger = self._messenger
         state = status_line.Status(
-            connected=self._connected,
+            connected=self.log.connected,
             relay=self._relay,
-            detail=self._conn_detail,
+            detail=self.log.conn_detail,
             failure=self._failure_error(),
             retrying=messenger is None or messenger.fatal is None,
-            members=fmt.members_text([p.name for p in self._peers], self._online),
+            members=fmt.members_text([p.name for p in self._peers], self.log.online),
             pending=self._pending,
             blocked=bool(self._blocked),
         )

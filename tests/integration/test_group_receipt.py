@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 from securechat.client.app import open_client
-from securechat.client.messenger import STATUS_DELIVERED, Event, StatusEvent
+from securechat.client.events import STATUS_DELIVERED, Event, StatusEvent
 from securechat.core import keys, wire
 from securechat.errors import ConnectionClosedError
 
-from relayclient import RelayClient, RelayProcess
+from relay_fixture import RelayProcess
+from relayclient import RelayClient
 
 TIMEOUT_S = 10.0
 

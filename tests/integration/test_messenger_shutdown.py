@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from securechat.client.app import open_client
-from securechat.client.messenger import Event, MessageEvent
+from securechat.client.events import Event, MessageEvent
 from securechat.core import keys, wire
 
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess
 
 
 @pytest.fixture
@@ -63,8 +63,9 @@ def test_a_replaced_connection_stops_instead_of_fighting_back(
 ) -> None:
     """The relay says REPLACED before closing the older connection of an identity (13.10):
     that client stops with a clear error instead of reconnecting and replacing the newer."""
-    from securechat.client.link import KnownRelays
-    from securechat.client.messenger import Messenger, NoticeEvent
+    from securechat.client.events import NoticeEvent
+    from securechat.client.messenger import Messenger
+    from securechat.client.relays import KnownRelays
     from securechat.client.store import ClientStore, StoreKeys
     from securechat.errors import InUseError
 

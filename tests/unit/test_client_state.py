@@ -1,4 +1,8 @@
-"""The client's E2E state on disk: one sealed row per peer plus a core row, schema 1 migration."""
+"""The client's E2E state on disk: one sealed row per peer plus a core row, schema 1 migration.
+
+Driven through the I/O-free :class:`ClientSession` (no relay, no thread): offline, a
+message to a peer with a session goes to the outbox, one without is held.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from typing import Any
 
 import nacl.bindings
 import pytest
-from securechat.client.link import KnownRelays
-from securechat.client.messenger import Conversation, Event, MessageEvent, Messenger
+from securechat.client.e2e_store import LEGACY_BLOB
+from securechat.client.events import Event, MessageEvent
+from securechat.client.peers import Conversation
+from securechat.client.session import ClientSession
 from securechat.client.store import SCHEMA_VERSION, ClientStore, StoreKeys
 from securechat.core import keys, wire
 from securechat.core.e2e import Content, E2EState
@@ -36,23 +42,27 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _deliver(m: Messenger, sender: E2EState, text: str) -> None:
-    """A message from ``sender`` to alice, through the messenger's receive path."""
+def _deliver(m: ClientSession, sender: E2EState, text: str) -> list[Event]:
+    """A message from ``sender`` to alice, through the session's receive path."""
     content = Content(os.urandom(16), _now(), text)
     payload = sender.encrypt(ALICE.public, content, os.urandom, _now())
-    m._on_deliver(wire.Deliver(content.msg_id, sender.identity.public.dh, 0, payload))
+    frame = wire.Deliver(content.msg_id, sender.identity.public.dh, 0, payload)
+    return m.receive([frame], _now()).events
 
 
-def _with_sessions(m: Messenger, *senders: E2EState) -> None:
+def _with_sessions(m: ClientSession, *senders: E2EState) -> None:
     """Sessions alice can send on at once (offline, a first message would be held)."""
     for sender in senders:
         _deliver(m, sender, f"hello from {sender.identity.name}")
 
 
-def _messenger(store: ClientStore, tmp_path: Path, events: list[Event] | None = None) -> Messenger:
-    """An offline messenger (never started): sends go to the outbox only."""
-    sink = events.append if events is not None else (lambda event: None)
-    return Messenger(ALICE, store, "127.0.0.1:9", KnownRelays(tmp_path / "relays"), sink)
+def _session(store: ClientStore) -> ClientSession:
+    """An offline session (no link): sends go to the outbox only."""
+    return ClientSession(ALICE, store, os.urandom)
+
+
+def _send(m: ClientSession, conv: Conversation, text: str) -> bytes:
+    return m.send_text(conv, text, _now())[0]
 
 
 def _reloaded(path: Path, ident: keys.Identity = ALICE) -> bytes:
@@ -72,11 +82,11 @@ def db(tmp_path: Path, sc_home: Path) -> Path:
 
 def test_a_message_writes_only_its_peers_row(db: Path, tmp_path: Path) -> None:
     store = _store(db)
-    m = _messenger(store, tmp_path)
+    m = _session(store)
     _with_sessions(m, E2EState.new(BOB), E2EState.new(CAROL))
     to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
-    m.send_text(to_bob, "hello bob")
-    m.send_text(Conversation.with_peers(ALICE.public, [CAROL.public]), "hello carol")
+    _send(m, to_bob, "hello bob")
+    _send(m, Conversation.with_peers(ALICE.public, [CAROL.public]), "hello carol")
     writes: list[tuple[bytes | None, list[bytes]]] = []
     put = store.put_e2e_rows
 
@@ -85,9 +95,9 @@ def test_a_message_writes_only_its_peers_row(db: Path, tmp_path: Path) -> None:
         return put(core, peers, deleted)
 
     store.put_e2e_rows = spy  # type: ignore[method-assign]
-    m.send_text(to_bob, "again")
+    _send(m, to_bob, "again")
     assert writes == [(None, [BOB.public.dh])]
-    live = m._state.serialize()
+    live = m.state.serialize()
     store.close()
     assert _reloaded(db) == live
 
@@ -96,10 +106,10 @@ def test_failed_transaction_writes_nothing_and_the_next_one_catches_up(
     db: Path, tmp_path: Path
 ) -> None:
     store = _store(db)
-    m = _messenger(store, tmp_path)
+    m = _session(store)
     _with_sessions(m, E2EState.new(BOB))
     to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
-    m.send_text(to_bob, "first")
+    _send(m, to_bob, "first")
     on_disk = store.e2e_rows()
     add = store.outbox_add
 
@@ -108,12 +118,11 @@ def test_failed_transaction_writes_nothing_and_the_next_one_catches_up(
 
     store.outbox_add = disk_full  # type: ignore[method-assign]
     with pytest.raises(StorageError):
-        m.send_text(to_bob, "lost")
+        _send(m, to_bob, "lost")
     assert store.e2e_rows() == on_disk, "a rolled-back message left rows behind"
     store.outbox_add = add  # type: ignore[method-assign]
-    with m._save_state():  # e.g. a prekey refill: must also write bob's advanced row
-        pass
-    live = m._state.serialize()
+    m.receive([wire.PrekeyCount(5)], _now())  # a prekey refill: must also write bob's row
+    live = m.state.serialize()
     store.close()
     assert _reloaded(db) == live
 
@@ -121,15 +130,15 @@ def test_failed_transaction_writes_nothing_and_the_next_one_catches_up(
 def test_received_message_survives_a_restart(db: Path, tmp_path: Path) -> None:
     events: list[Event] = []
     store = _store(db)
-    m = _messenger(store, tmp_path, events)
+    m = _session(store)
     bob = E2EState.new(BOB)
     for n in range(3):
-        _deliver(m, bob, f"hi {n}")
+        events += _deliver(m, bob, f"hi {n}")
     assert [e.text for e in events if isinstance(e, MessageEvent)] == ["hi 0", "hi 1", "hi 2"]
     store.close()
     store = _store(db)
-    m = _messenger(store, tmp_path, events)
-    _deliver(m, bob, "after restart")
+    m = _session(store)
+    events += _deliver(m, bob, "after restart")
     assert isinstance(events[-1], MessageEvent) and events[-1].text == "after restart"
     store.close()
 
@@ -145,9 +154,9 @@ def _raw(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any,
 
 def test_swapped_rows_are_refused(db: Path, tmp_path: Path) -> None:
     store = _store(db)
-    m = _messenger(store, tmp_path)
+    m = _session(store)
     _with_sessions(m, E2EState.new(BOB), E2EState.new(CAROL))
-    m.send_text(Conversation.with_peers(ALICE.public, [BOB.public, CAROL.public]), "to both")
+    _send(m, Conversation.with_peers(ALICE.public, [BOB.public, CAROL.public]), "to both")
     bob_key, carol_key = store.peer_key(BOB.public.dh), store.peer_key(CAROL.public.dh)
     store.close()
     rows = dict(_raw(db, "SELECT peer, v FROM e2e_peers"))
@@ -222,17 +231,15 @@ def test_schema_1_blob_migrates_to_rows(db: Path, tmp_path: Path) -> None:
     alice, bob = _old_state()
     _write_schema_1(db, alice.serialize())
     store = _store(db)
-    m = _messenger(store, tmp_path)
-    assert m._state.serialize() == alice.serialize()
-    assert store.get_blob(Messenger.LEGACY_E2E_BLOB) is None
+    m = _session(store)
+    assert m.state.serialize() == alice.serialize()
+    assert store.get_blob(LEGACY_BLOB) is None
     assert m.peers.identities() == [BOB.public]  # the other meta blobs are untouched
-    events: list[Event] = []
-    m._emit = events.append
     # the migrated session still works both ways
-    m.send_text(Conversation.with_peers(ALICE.public, [BOB.public]), "after migration")
-    _deliver(m, bob, "welcome")
+    _send(m, Conversation.with_peers(ALICE.public, [BOB.public]), "after migration")
+    events = _deliver(m, bob, "welcome")
     assert [e.text for e in events if isinstance(e, MessageEvent)] == ["welcome"]
-    live = m._state.serialize()
+    live = m.state.serialize()
     peer_keys = {store.peer_key(BOB.public.dh), store.peer_key(CAROL.public.dh)}
     store.close()
     assert _raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
@@ -251,10 +258,10 @@ def test_migration_is_all_or_nothing(db: Path, tmp_path: Path) -> None:
 
     store.delete_blob = crash  # type: ignore[method-assign]
     with pytest.raises(StorageError):
-        _messenger(store, tmp_path)
+        _session(store)
     assert store.e2e_rows() == (None, []), "half a migration was committed"
     store.delete_blob = delete  # type: ignore[method-assign]
-    assert _messenger(store, tmp_path)._state.serialize() == alice.serialize()
+    assert _session(store).state.serialize() == alice.serialize()
     store.close()
 
 
@@ -269,12 +276,12 @@ def test_newer_schema_is_refused(db: Path) -> None:
 
 def test_peer_rows_without_a_core_are_refused(db: Path, tmp_path: Path) -> None:
     store = _store(db)
-    _with_sessions(_messenger(store, tmp_path), E2EState.new(BOB))
+    _with_sessions(_session(store), E2EState.new(BOB))
     store.close()
     _raw(db, "DELETE FROM meta WHERE k = 'e2e/core'")
     store = _store(db)
     with pytest.raises(StorageError, match="no end-to-end core"):
-        _messenger(store, tmp_path)
+        _session(store)
     store.close()
 
 
@@ -283,9 +290,9 @@ def test_a_read_only_store_reads_history_while_the_writer_holds_the_lock(
 ) -> None:
     writer = _store(db)
     try:
-        m = _messenger(writer, tmp_path)
+        m = _session(writer)
         to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
-        m.send_text(to_bob, "written by the locked writer")
+        _send(m, to_bob, "written by the locked writer")
         with pytest.raises(Exception, match="another securechat process"):
             _store(db)  # a second writer is refused ...
         reader = _store(db, read_only=True)
@@ -314,11 +321,11 @@ def _file_bytes(db: Path) -> bytes:
 
 def test_the_file_holds_no_raw_keys_ids_conversations_or_times(db: Path, tmp_path: Path) -> None:
     store = _store(db)
-    m = _messenger(store, tmp_path)
+    m = _session(store)
     bob = E2EState.new(BOB)
     _with_sessions(m, bob, E2EState.new(CAROL))
     to_bob = Conversation.with_peers(ALICE.public, [BOB.public])
-    sent = m.send_text(to_bob, "a secret")
+    sent = _send(m, to_bob, "a secret")
     received = m.history(to_bob.conv_id, 10)
     store.close()
     raw = _file_bytes(db)
@@ -378,8 +385,8 @@ def test_schema_2_migrates_to_macs_and_keeps_everything(db: Path, tmp_path: Path
         conn.execute("PRAGMA user_version=2")
     conn.close()
     store = _store(db)
-    m = _messenger(store, tmp_path)
-    assert m._state.serialize() == alice.serialize()
+    m = _session(store)
+    assert m.state.serialize() == alice.serialize()
     assert [item.frame for item in store.outbox()] == [frame]
     assert store.outbox_remove(msg_id)
     entries = store.history(conv, 10)
@@ -396,13 +403,13 @@ def test_a_group_message_too_big_for_one_frame_is_refused_before_sealing(
 ) -> None:
     """63 copies of the largest padding bucket exceed one SendMulti frame: say how much fits."""
     store = _store(db)
-    m = _messenger(store, tmp_path)
+    m = _session(store)
     members = [keys.generate_identity(f"m{i}", os.urandom(64)).public for i in range(63)]
     group = Conversation.with_peers(ALICE.public, members)
     with pytest.raises(UsageError, match=r"at most \d+ bytes of text fit") as refused:
-        m.send_text(group, "x" * 16_000)
+        _send(m, group, "x" * 16_000)
     most = int(str(refused.value).split("at most ")[1].split()[0])
     assert 10_000 < most < 16_000
-    m.send_text(group, "x" * most)  # exactly the limit is accepted (held: offline)
+    _send(m, group, "x" * most)  # exactly the limit is accepted (held: offline)
     assert store.held_count() == 1
     store.close()

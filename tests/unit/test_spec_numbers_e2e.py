@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from securechat.client import messenger
+from securechat.client import messenger, prekeys, receipts, session
 from securechat.core import envelope, keys, ratchet, x3dh
 from securechat.core.e2e import records
 
@@ -56,12 +56,12 @@ ROWS: list[tuple[str, int]] = [
     (r"a DH step counts (\d+)", ratchet.DH_STEP_COST),
     (r"an X3DH (\d+)\)", records.X3DH_COST),
     (r"\(at most (\d), most recently used first\)", records.MAX_SESSIONS_PER_PEER),
-    (r"no answer within (\d+) s", int(messenger.FETCH_TIMEOUT)),
-    (r"every (\d+) s\)", int(messenger.HELD_RETRY)),
+    (r"no answer within (\d+) s", int(prekeys.FETCH_TIMEOUT)),
+    (r"every (\d+) s\)", int(session.HELD_RETRY)),
     (r"\(up to (\d+) ids\)", envelope.MAX_CONTROL_IDS),
-    (r"at most one per peer per (minute)", int(messenger.REJECT_INTERVAL)),
-    (r"one-time prekeys up to\s+(\d+)", messenger.PREKEY_TARGET),
-    (r"count is below (\d+)", messenger.PREKEY_LOW_WATER),
+    (r"at most one per peer per (minute)", int(receipts.REJECT_INTERVAL)),
+    (r"one-time prekeys up to\s+(\d+)", session.PREKEY_TARGET),
+    (r"count is below (\d+)", session.PREKEY_LOW_WATER),
     (r"Ping every (\d+) s", int(messenger.PING_INTERVAL)),
     (r"up to (\d+) s; a changed relay", int(messenger.BACKOFF_MAX)),
 ]

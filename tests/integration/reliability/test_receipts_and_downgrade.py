@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 from securechat import cli
-from securechat.client import keystore
-from securechat.client import messenger as messenger_module
+from securechat.client import keystore, prekeys
+from securechat.client import session as session_module
+from securechat.client.app import open_store
 from securechat.client.events import STATUS_ACCEPTED, STATUS_DELIVERED, StatusEvent
-from securechat.client.messenger import Conversation, Messenger
+from securechat.client.peers import Conversation
+from securechat.client.session import ClientSession
 from securechat.core import encoding, keys, wire
 from securechat.core.e2e import Content, E2EState
 
@@ -94,7 +96,7 @@ def _history_status(client: Client, conv: Conversation, msg_id: bytes) -> int:
 
 def _published(client: Client) -> None:
     """Wait until the client's first prekey publish reached the relay (bundles exist)."""
-    assert wait_for(lambda: client.messenger._published, 10)
+    assert wait_for(lambda: client.messenger.session.published, 10)
     time.sleep(0.2)
 
 
@@ -163,11 +165,11 @@ def test_a_message_that_does_not_open_is_reported_on_both_sides(
 def test_withheld_prekeys_of_a_peer_seen_with_them_hold_the_message(
     people: People, relay: FakeRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(messenger_module, "HELD_RETRY", 0.3)
-    bob, alice = people["bob"], people["alice"]
+    monkeypatch.setattr(session_module, "HELD_RETRY", 0.3)
+    bob = people["bob"]
     _published(bob)
-    bundles, reason = alice.messenger._bundles_for([bob.identity.public])  # seen once
-    assert reason is None and bundles
+    _saw_prekeys_before(people.home, "alice", bob.identity.public)
+    alice = people["alice"]
     relay.withhold_bundles.add(bob.identity.public.dh)
     conv = people.conv("alice", "bob")
     alice.messenger.send_text(conv, "not without your prekeys")
@@ -181,8 +183,29 @@ def test_withheld_prekeys_of_a_peer_seen_with_them_hold_the_message(
     assert wait_for(lambda: alice.messenger.pending() == 0, 10)
 
 
-def test_an_offline_first_message_waits_for_the_bundle(sc_home: Path) -> None:
+def _saw_prekeys_before(home: Path, name: str, peer: keys.PublicIdentity) -> None:
+    """``name``'s store remembers ``peer`` with prekeys (an earlier run fetched a bundle;
+    the in-memory rule from fetch to "seen" is tests/unit/test_client_session.py's)."""
+    store = open_store(keystore.load_identity(str(home / f"{name}.key")))
+    try:
+        with store.transaction():
+            store.put_json(prekeys.PREKEY_PEERS, [peer.dh.hex()])
+    finally:
+        store.close()
+
+
+def test_an_offline_first_message_waits_for_the_bundle(
+    sc_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held while offline, sealed with bob's bundle once the relay and bob are back.
+
+    alice has seen bob with prekeys before: for a peer never seen with any, a "none"
+    answer (alice may ask before bob has published) is the documented no-prekey
+    start, and the test would race bob's publish against alice's reconnection.
+    """
+    monkeypatch.setattr(session_module, "HELD_RETRY", 0.3)
     make_identities(sc_home, "alice", "bob")
+    _saw_prekeys_before(sc_home, "alice", _public(sc_home, "bob"))
     probe = FakeRelay(seed=2, attack_rate=0.0)
     port = int(probe.address.rsplit(":", 1)[1])
     probe.close()  # a port nothing listens on, yet
@@ -271,10 +294,10 @@ def test_a_dying_network_thread_fails_the_command(
     relay_pub = sc_home / "relay.pub"
     relay_pub.write_text(encoding.encode_token("screlay1", relay.public) + "\n")
 
-    def broken(self: Messenger, link: object, frames: object) -> None:
+    def broken(self: ClientSession, frames: object, now_ms: int) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Messenger, "_handle", broken)
+    monkeypatch.setattr(ClientSession, "receive", broken)
     code = cli.main(
         [
             "receive",

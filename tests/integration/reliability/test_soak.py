@@ -79,7 +79,8 @@ def test_reconnect_resends_outbox_before_new_messages(sc_home: Path) -> None:
     import socket
 
     from securechat.client import keystore
-    from securechat.client.messenger import ConnectionEvent, Conversation, Event
+    from securechat.client.events import ConnectionEvent, Event
+    from securechat.client.peers import Conversation
 
     from reliability.fakerelay import FakeRelay, wait_for
     from reliability.harness import Client, make_identities

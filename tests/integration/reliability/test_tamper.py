@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from securechat.client.messenger import Conversation
+from securechat.client.peers import Conversation
 
 from reliability.fakerelay import FakeRelay, wait_for
 from reliability.harness import Client, make_identities

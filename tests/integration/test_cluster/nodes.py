@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from securechat.relay import keyfile
 
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess
 
 REQUIRE_ENV = "SECURECHAT_REQUIRE_REDIS"
 START_TIMEOUT_S = 15.0

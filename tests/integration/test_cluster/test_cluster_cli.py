@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 from securechat.client.app import relay_address
-from securechat.client.link import split_relays
+from securechat.client.relays import split_relays
 from securechat.errors import UsageError
 
-from relay_fixture import run
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess, cli_cmd, cli_env, run_cli
 from test_cluster.nodes import Cluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,12 +23,12 @@ def send(home: Path, relays: str, key: str, peer: str, *texts: str, **env: str) 
     args = ["send", "--key", key, "--peer", peer, "--timeout", "20"]
     if relays:
         args += ["--relay", relays]
-    res = run(home, *args, input="".join(t + "\n" for t in texts), timeout=60)
+    res = run_cli(home, *args, input="".join(t + "\n" for t in texts), timeout=60)
     assert res.returncode == 0, res.stderr
 
 
 def receive(home: Path, relays: str, key: str) -> list[str]:
-    res = run(home, "receive", "--key", key, "--relay", relays, "--timeout", "2", timeout=60)
+    res = run_cli(home, "receive", "--key", key, "--relay", relays, "--timeout", "2", timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
 
@@ -53,10 +52,8 @@ def test_the_cli_fails_over_to_the_next_address(home: Path, cluster: Cluster) ->
 def test_the_list_in_securechat_relay(home: Path, cluster: Cluster) -> None:
     import subprocess
 
-    from relay_fixture import cli_cmd, env_for
-
     n1, n2, n3 = cluster.nodes
-    env = env_for(home, SECURECHAT_RELAY=f"{addr(n2)},{addr(n3)}")
+    env = cli_env(home, SECURECHAT_RELAY=f"{addr(n2)},{addr(n3)}")
     done = subprocess.run(
         [*cli_cmd(), "send", "--key", "alice", "--peer", "bob", "--timeout", "20"],
         input="via the environment\n", capture_output=True, text=True, timeout=60, env=env,
@@ -71,6 +68,6 @@ def test_address_lists_are_checked_before_anything_happens(home: Path) -> None:
     assert relay_address("a:1,b:2") == "a:1,b:2"
     with pytest.raises(UsageError):
         split_relays("a:1,,b:2")
-    res = run(home, "send", "--key", "alice", "--peer", "bob", "--relay", "a:1,", input="x\n")
+    res = run_cli(home, "send", "--key", "alice", "--peer", "bob", "--relay", "a:1,", input="x\n")
     assert res.returncode == 2
     assert res.stderr.strip().startswith("securechat: bad relay address list")

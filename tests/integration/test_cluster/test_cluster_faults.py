@@ -24,7 +24,8 @@ from securechat.core import wire
 from securechat.errors import ConnectionClosedError
 
 from paths import REPO
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import RelayClient, new_identity
 from test_cluster.nodes import Cluster, RedisServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -211,7 +212,7 @@ def run_cluster_soak(
     nodes (restarted on their port), Redis (``redis_share`` of the kills: SIGKILLed and
     started again on its append-only file) and clients; each client knows every node.
     ``redis``: the server, replaced in place when it is restarted (the caller stops it)."""
-    from relay_fixture import env_for, keygen
+    from relay_fixture import cli_env, keygen
 
     soak = _soak()
     rnd = random.Random(seed)
@@ -222,7 +223,7 @@ def run_cluster_soak(
     c = Cluster(work, redis[0], "--ack-timeout", "1", "--log-level", "WARNING")
     nodes = [c.start_node() for _ in range(3)]
     key = str(nodes[0].data_dir / "relay.pub")
-    env = env_for(home)
+    env = cli_env(home)
     drivers = {}
     for i, name in enumerate(sorted(plan)):
         order = nodes[i % 3 :] + nodes[: i % 3]  # clients spread over the nodes

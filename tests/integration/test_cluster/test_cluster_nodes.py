@@ -17,7 +17,8 @@ import pytest
 from securechat.core import wire
 from securechat.errors import ConnectionClosedError
 
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess, run_cli
+from relayclient import RelayClient, new_identity
 from test_cluster.nodes import Cluster, RedisServer, free_port, redis_available
 
 pytestmark = pytest.mark.timeout(90)
@@ -305,9 +306,7 @@ def test_a_redis_that_could_lose_acknowledged_frames_is_refused(tmp_path: Path) 
 
 
 def test_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
-    from relay_fixture import run
-
-    done = run(tmp_path, "relay", "--data", str(tmp_path / "d"), "--port", "0",
+    done = run_cli(tmp_path, "relay", "--data", str(tmp_path / "d"), "--port", "0",
                "--cluster", "redis://:secret@127.0.0.1:1/0")  # fmt: skip
     assert done.returncode != 0
     assert "SECURECHAT_REDIS_PASSWORD" in done.stderr and "Traceback" not in done.stderr
@@ -315,10 +314,10 @@ def test_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
 
 
 def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
-    from relay_fixture import run
-
     url = f"redis://127.0.0.1:{free_port()}/0"
-    done = run(tmp_path, "relay", "--data", str(tmp_path / "d"), "--port", "0", "--cluster", url)
+    done = run_cli(
+        tmp_path, "relay", "--data", str(tmp_path / "d"), "--port", "0", "--cluster", url
+    )
     assert done.returncode != 0
     assert "cannot reach Redis" in done.stderr and "Traceback" not in done.stderr
 

@@ -1,4 +1,4 @@
-"""Commands for scripts and bots: ``send``, ``receive``, ``history``, ``trust`` (shell).
+"""``securechat send``, ``receive``, ``history`` and ``trust``: commands for scripts and bots.
 
 Like signal-cli: plain lines on stdout (``NAME: text``) or JSON lines with
 ``--json``, exit status that a script can rely on (``send`` exits 0 only once
@@ -15,16 +15,13 @@ import time
 from pathlib import Path
 from typing import Final
 
+from securechat.cli.options import add_client_arguments, add_timeout
 from securechat.client import app, keystore
-from securechat.client.app import default_relay, load_peers, open_client, open_store
-from securechat.client.link import DEFAULT_PORT, canonical_address, read_relay_key_file
-from securechat.client.messenger import (
-    Event,
-    KnownPeers,
-    MessageEvent,
-    Messenger,
-    NoticeEvent,
-)
+from securechat.client.app import load_peers, open_client, open_store
+from securechat.client.events import Event, MessageEvent, NoticeEvent
+from securechat.client.messenger import Messenger
+from securechat.client.peers import KnownPeers
+from securechat.client.relays import canonical_address, read_relay_key_file
 from securechat.core import envelope
 from securechat.core.encoding import fingerprint
 from securechat.errors import DeliveryTimeoutError, RelayError, UsageError
@@ -54,30 +51,6 @@ class _Printer:
                 print(f"securechat: {fmt.safe(event.text)}", file=sys.stderr, flush=True)
 
 
-def add_client_arguments(p: argparse.ArgumentParser, *, peers: bool) -> None:
-    if peers:
-        p.add_argument(
-            "--peer",
-            action="append",
-            required=True,
-            metavar="NAME|FILE",
-            help="recipient (repeat for a group)",
-        )
-    p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
-    p.add_argument(
-        "--relay",
-        metavar="HOST[:PORT]",
-        help=f"relay address, port {DEFAULT_PORT} if none (default: "
-        f"$SECURECHAT_RELAY or {default_relay()})",
-    )
-    p.add_argument(
-        "--relay-key",
-        metavar="FILE",
-        help="the relay's relay.pub: pins its key in known_relays (replacing an "
-        "older pin once the relay proves it holds this key)",
-    )
-
-
 def cmd_send(args: argparse.Namespace) -> int:
     """Connect first, then seal: a send that cannot reach the relay queues nothing.
 
@@ -91,8 +64,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     with open_client(args.key, args.relay, args.relay_key, printer, receive=False) as client:
         conv = client.conversation(peers)
         messenger = client.messenger
-        for peer in peers:  # a changed key is refused before anything else (trust on first use)
-            messenger.peers.check(peer)
+        changed = messenger.check_peers(peers)  # refused before anything else (trust on first use)
+        if changed:
+            raise next(iter(changed.values()))
         app.wait_for_relay(messenger, what=NOTHING_SENT + _earlier(messenger))
         sent = [messenger.send_text(conv, text) for text in texts]
         if not messenger.wait_all_accepted(args.timeout):
@@ -101,7 +75,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         if refused:
             raise RelayError(
                 f"the relay refused {len(refused)} of {len(sent)} message(s) for good "
-                f"({refused[0]}); they were not delivered and are not queued"
+                f"({refused[0]}); they were not delivered and are not queued",
+                hint="send them again shorter, or in parts",
             )
     return 0
 
@@ -118,7 +93,8 @@ def _texts_to_send(args: argparse.Namespace) -> list[str]:
         if size > envelope.MAX_TEXT_BYTES:
             which = "the message" if args.message is not None else f"input line {number}"
             raise UsageError(
-                f"{which} is {size} bytes, more than {envelope.MAX_TEXT_BYTES}; nothing was sent"
+                f"{which} is {size} bytes, more than {envelope.MAX_TEXT_BYTES}; nothing was sent",
+                hint="shorten it, or split it into several messages",
             )
     return texts
 
@@ -140,7 +116,7 @@ def _raise_not_accepted(messenger: Messenger, timeout: float) -> None:
         "send, receive or talk sends them, so do not send them again"
     )
     if messenger.fatal is not None:
-        raise app.with_note(messenger.fatal, queued)
+        raise messenger.fatal.with_note(queued)
     state = "is unreachable" if not messenger.connected else "did not accept them"
     raise DeliveryTimeoutError(
         f"the relay at {messenger.relay_address} {state} within {timeout:g}s; {queued}"
@@ -166,7 +142,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     """Read the history without the identity's lock, so it works while talk runs."""
     if args.n <= 0:
-        raise UsageError("-n must be a positive number of messages")
+        raise UsageError("-n must be a positive number of messages", hint="for example -n 20")
     identity = keystore.load_identity(args.key)
     peers = load_peers(args.peer)
     conv = app.conversation(identity.public, peers)
@@ -234,51 +210,41 @@ def _trust_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "send",
-        help="send messages and exit once the relay accepted them",
-        description="Send -m TEXT, or one message per stdin line, to --peer "
+def configure(command: str, p: argparse.ArgumentParser) -> None:
+    {"send": _send, "receive": _receive, "history": _history, "trust": _trust}[command](p)
+
+
+def _send(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Send -m TEXT, or one message per stdin line, to --peer "
         "(several --peer: a group). Exits 0 only after the relay durably accepted "
         "every message. If the relay cannot be reached, nothing is queued (exit "
         "7: run it again later); if it was reached but did not accept in time, "
         "the messages are queued and the next send, receive or talk sends them "
-        "(exit 10: do not send them again).",
+        "(exit 10: do not send them again)."
     )
-    add_client_arguments(p, peers=True)
+    add_client_arguments(p)
     p.add_argument("-m", "--message", metavar="TEXT", help="the message (default: stdin lines)")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_ACK_TIMEOUT,
-        metavar="SECONDS",
-        help="how long to wait for the relay's acceptance (default 30)",
-    )
+    add_timeout(p, DEFAULT_ACK_TIMEOUT, "how long to wait for the relay's acceptance (default 30)")
     p.set_defaults(handler=cmd_send)
 
-    p = sub.add_parser(
-        "receive",
-        help="print waiting and new messages, then exit",
-        description="Connect, print every waiting message and new ones as "
+
+def _receive(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Connect, print every waiting message and new ones as "
         "'NAME: text' (or JSON lines), acknowledge them, and exit after SECONDS "
-        "without a new message.",
+        "without a new message."
     )
-    add_client_arguments(p, peers=False)
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="exit after this long without a new message (default 2)",
-    )
+    add_client_arguments(p, peers=None)
+    add_timeout(p, 2.0, "exit after this long without a new message (default 2)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of 'NAME: text'")
     p.set_defaults(handler=cmd_receive)
 
-    p = sub.add_parser(
-        "history",
-        help="print the local history of a conversation",
-        description="Print the locally stored (encrypted at rest) history of the "
-        "conversation with --peer (several: the group).",
+
+def _history(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Print the locally stored (encrypted at rest) history of the "
+        "conversation with --peer (several: the group)."
     )
     p.add_argument("--peer", action="append", required=True, metavar="NAME|FILE")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
@@ -290,14 +256,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.set_defaults(handler=cmd_history)
 
-    p = sub.add_parser(
-        "trust",
-        help="accept a peer's (changed) key, or pin a relay's key",
-        description="Record PEER's current key as trusted, replacing a different "
+
+def _trust(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Record PEER's current key as trusted, replacing a different "
         "one recorded earlier (verify the safety number out of band first). Or, "
         "with --relay HOST:PORT --relay-key relay.pub, pin that relay's key in "
         "known_relays, replacing the one pinned before (both fingerprints are "
-        "shown).",
+        "shown)."
     )
     p.add_argument("peer", metavar="NAME|FILE", nargs="?", help="the peer whose key to trust")
     p.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")

@@ -1,8 +1,6 @@
-"""``securechat talk``: chat with one peer or a group, on a terminal or through a pipe.
+"""``securechat talk`` through a pipe: a line filter for scripts (shell).
 
-On a terminal (stdin and stdout are TTYs) this opens the prompt_toolkit
-screen of :mod:`securechat.ui.screen`. Otherwise it is a filter for scripts:
-each input line is sent as one message, each received message is printed as
+Each input line is sent as one message, each received message is printed as
 one line (``NAME: text``, or a JSON object with ``--json``), and at the end of
 input it waits until the relay has accepted every message it sent, so exit
 status 0 means "nothing is left only on this machine". Pipe mode starts only once
@@ -25,96 +23,16 @@ from collections.abc import Iterator
 from typing import Final, TextIO
 
 from securechat.client import app
-from securechat.client.link import DEFAULT_PORT
-from securechat.client.messenger import (
-    ConnectionEvent,
-    Conversation,
-    Event,
-    MessageEvent,
-    Messenger,
-    NoticeEvent,
-)
+from securechat.client.events import ConnectionEvent, Event, MessageEvent, NoticeEvent
+from securechat.client.messenger import Messenger
+from securechat.client.peers import Conversation
 from securechat.core import envelope, keys
-from securechat.errors import (
-    DeliveryTimeoutError,
-    PeerKeyChangedError,
-    SessionError,
-    UsageError,
-)
+from securechat.errors import DeliveryTimeoutError, SessionError, UsageError
 from securechat.ui import format as fmt
 
-DEFAULT_TIMEOUT: Final = 30.0  # --timeout: seconds to wait for the relay's acknowledgements
-CONNECT_GRACE: Final = 3.0  # pipe mode: wait this long for the relay before sealing offline
-SYNC_WAIT: Final = 3.0  # pipe mode: at most this long for the relay's stored messages
-LINGER: Final = 0.5  # pipe mode: late incoming messages after everything is acknowledged
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``securechat talk`` (the caller creates the sub-parser)."""
-    parser.add_argument(
-        "--peer",
-        action="append",
-        required=True,
-        metavar="NAME|FILE",
-        help="who to talk to (a .pub file or a name in the key directory); repeat for a group",
-    )
-    parser.add_argument("--key", metavar="NAME|FILE", help="your identity (default: the only key)")
-    parser.add_argument(
-        "--relay",
-        metavar="HOST[:PORT]",
-        help=f"relay address, port {DEFAULT_PORT} if none (default: ${app.ENV_RELAY} or "
-        f"{app.DEFAULT_RELAY})",
-    )
-    parser.add_argument(
-        "--relay-key",
-        metavar="FILE",
-        help="the relay's relay.pub: pins its key in known_relays (replacing an older pin "
-        "once the relay proves it holds this key)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print received messages as JSON lines (pipe mode, even on a terminal)",
-    )
-    parser.add_argument(
-        "--no-history", action="store_true", help="do not keep this session in local history"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="pipe mode: how long to wait at end of input for the relay to accept every "
-        f"message (default {DEFAULT_TIMEOUT:g})",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``securechat talk``; raises our errors, returns the exit code."""
-    relay = app.relay_address(args.relay)
-    if args.timeout is None or not args.timeout > 0:
-        raise UsageError("--timeout must be a positive number of seconds")
-    peers = app.load_peers(args.peer)
-    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
-    if interactive:
-        from securechat.ui.screen import run_screen
-
-        return run_screen(args, relay, peers)
-    return _run_pipe(args, relay, peers)
-
-
-def check_peers(messenger: Messenger, peers: list[keys.PublicIdentity]) -> dict[str, str]:
-    """Record new peers (trust on first use); return ``{name: warning}`` for changed keys."""
-    warnings = {}
-    for peer in peers:
-        try:
-            messenger.peers.check(peer)
-        except PeerKeyChangedError as exc:
-            warnings[peer.name] = str(exc)
-    return warnings
-
-
-# --- pipe mode ------------------------------------------------------------------------------
+CONNECT_GRACE: Final = 3.0  # wait this long for the relay before sealing offline
+SYNC_WAIT: Final = 3.0  # at most this long for the relay's stored messages
+LINGER: Final = 0.5  # late incoming messages after everything is acknowledged
 
 
 class _PipePrinter:
@@ -169,7 +87,8 @@ def _input_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
+def run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
+    """Send stdin's lines to ``peers``, print what arrives; raise why it failed."""
     printer = _PipePrinter(sys.stdout, sys.stderr, args.json)
     with app.open_client(
         args.key,
@@ -180,9 +99,9 @@ def _run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdent
         watch=peers,
     ) as client:
         messenger = client.messenger
-        warnings = check_peers(messenger, peers)
-        if warnings:
-            raise PeerKeyChangedError(next(iter(warnings.values())))
+        changed = messenger.check_peers(peers)
+        if changed:
+            raise next(iter(changed.values()))
         conv = client.conversation(peers)
         app.wait_for_relay(messenger, what="no input was read, nothing was sent or queued")
         # Give the relay a moment first: a session started online uses the peer's
@@ -202,7 +121,8 @@ def _send_lines(messenger: Messenger, conv: Conversation, stream: TextIO) -> Usa
         if len(line.encode()) > envelope.MAX_TEXT_BYTES:
             return UsageError(
                 f"input line {number} is longer than {envelope.MAX_TEXT_BYTES} bytes; it and "
-                "the lines after it were not sent (the lines before it were)"
+                "the lines after it were not sent (the lines before it were)",
+                hint="split it into shorter lines, then send the rest again",
             )
         try:
             messenger.send_text(conv, line)
