@@ -55,7 +55,7 @@ def parse_address(text: str) -> tuple[str, int]:
         host, _, port_text = raw.partition(":")
         if not port_text:
             raise _bad_address(text)
-    if not host or any(ch.isspace() or ch in "/[]" for ch in host):
+    if not host or any(ch.isspace() or ch in "/[]," for ch in host):
         raise _bad_address(text)
     if not port_text:
         return host, DEFAULT_PORT

@@ -71,3 +71,11 @@ def test_address_lists_are_checked_before_anything_happens(home: Path) -> None:
     res = run_cli(home, "send", "--key", "alice", "--peer", "bob", "--relay", "a:1,", input="x\n")
     assert res.returncode == 2
     assert res.stderr.strip().startswith("securechat: bad relay address list")
+    # A pin belongs to one address: a list given to trust is refused, not pinned as a name.
+    from securechat.relay import keyfile
+
+    keyfile.load_or_create(home.parent / "relaykey")
+    pub = home.parent / "relaykey" / keyfile.PUB_FILE
+    res = run_cli(home, "trust", "--relay", "a:1,b:2", "--relay-key", str(pub))
+    assert res.returncode == 2 and "bad relay address" in res.stderr
+    assert not (home / "known_relays").exists()
