@@ -221,6 +221,11 @@ class Messenger:
                     self.identity.dh_private,
                     self._known_relays,
                     pinned_key=self._pinned if self._pinned is not None else self._cluster_key,
+                    pinned_from=(
+                        "--relay-key"
+                        if self._pinned is not None
+                        else "the other addresses of --relay (one relay's nodes share one key)"
+                    ),
                     sign_public=self.identity.public.sign,
                 )
             except RelayKeyChangedError as exc:
