@@ -24,6 +24,7 @@ from securechat.client.relays import (
     KNOWN_RELAYS,
     KnownRelays,
     read_relay_key_file,
+    split_relays,
     with_port,
 )
 from securechat.client.store import ClientStore, StoreKeys
@@ -44,8 +45,14 @@ def default_relay() -> str:
 
 
 def relay_address(arg: str | None) -> str:
-    """``--relay`` (or the default) with the default port added; UsageError if malformed."""
-    return with_port(arg or default_relay())
+    """``--relay`` (or the default) with the default port added; UsageError if malformed.
+
+    A comma-separated list names the nodes of one relay cluster (``split_relays``).
+    """
+    text = arg or default_relay()
+    if "," in text:
+        return ",".join(split_relays(text))
+    return with_port(text)
 
 
 def state_path(identity: keys.Identity) -> Path:

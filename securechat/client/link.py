@@ -78,6 +78,7 @@ class RelayLink:
         known: KnownRelays,
         *,
         pinned_key: bytes | None = None,
+        pinned_from: str = "--relay-key",
         timeout: float = CONNECT_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         sign_public: bytes = b"",
@@ -86,6 +87,8 @@ class RelayLink:
 
         ``pinned_key`` (``--relay-key``) wins over ``known_relays`` and, once the
         relay has proven it holds it, is recorded there, as the docs promise.
+        ``pinned_from`` says where that key came from, in a mismatch's message and the
+        record (a relay cluster's other addresses, issue 16, or ``--relay-key``).
         ``sign_public``: our 32-byte Ed25519 public key, sent as the message-3 payload
         (encrypted, after the relay proved its key) so the relay's logs show the
         identity fingerprint users see (protocol 2); empty sends nothing, as before.
@@ -96,7 +99,9 @@ class RelayLink:
 
         def verify(remote: bytes) -> None:
             if expected is not None and remote != expected:
-                raise _key_mismatch(address, remote, expected, known, explicit=pinned_key)
+                raise _key_mismatch(
+                    address, remote, expected, known, explicit=pinned_key, source=pinned_from
+                )
 
         conn = noise.NoiseConnection(
             initiator=True,
@@ -117,7 +122,7 @@ class RelayLink:
         remote = conn.remote_static
         if remote is not None and remote != recorded:
             source = (
-                "from --relay-key"
+                f"from {pinned_from}"
                 if pinned_key is not None
                 else (f"first use; checked on every later connection, see {known.path}")
             )
@@ -246,13 +251,19 @@ def _not_a_relay(address: str, first: bytes) -> str:
 
 
 def _key_mismatch(
-    address: str, remote: bytes, expected: bytes, known: KnownRelays, *, explicit: bytes | None
+    address: str,
+    remote: bytes,
+    expected: bytes,
+    known: KnownRelays,
+    *,
+    explicit: bytes | None,
+    source: str = "--relay-key",
 ) -> RelayKeyChangedError:
     where = canonical_address(address)
     got, want = encoding.fingerprint(remote), encoding.fingerprint(expected)
     if explicit is not None:
         message = (
-            f"the relay at {where} presented key {got}, not {want} from --relay-key: "
+            f"the relay at {where} presented key {got}, not {want} from {source}: "
             "this may be an attack (or the wrong relay.pub)"
         )
         hint = "check with the relay's operator that this relay.pub is the current one"

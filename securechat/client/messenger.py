@@ -36,7 +36,7 @@ from typing import Final
 from securechat.client.events import ConnectionEvent, Event, NoticeEvent, Output
 from securechat.client.link import RelayLink
 from securechat.client.peers import Conversation, KnownPeers
-from securechat.client.relays import KnownRelays
+from securechat.client.relays import KnownRelays, split_relays
 from securechat.client.session import ClientSession, Tap
 from securechat.client.store import ClientStore
 from securechat.core import keys, wire
@@ -89,6 +89,11 @@ class Messenger:
             tap=tap,
         )
         self.relay_address = relay_address
+        # Several addresses (``a:5050,b:5050``): the nodes of one relay cluster, tried in
+        # turn; once one of them proved the relay key, every other must present the same.
+        self._relays = split_relays(relay_address) if "," in relay_address else [relay_address]
+        self._relay_index = 0
+        self._cluster_key: bytes | None = None
         self._known_relays = known_relays
         self._pinned = pinned_relay_key
         self._emit = on_event
@@ -207,13 +212,20 @@ class Messenger:
 
     def _connect_loop(self) -> None:
         delay = BACKOFF_INITIAL
+        failed = 0  # attempts failed in a row: with a list, each address once before waiting
         while not self._stop.is_set() and self.fatal is None:
+            address = self._relays[self._relay_index]
             try:
                 link = RelayLink.connect(
-                    self.relay_address,
+                    address,
                     self.identity.dh_private,
                     self._known_relays,
-                    pinned_key=self._pinned,
+                    pinned_key=self._pinned if self._pinned is not None else self._cluster_key,
+                    pinned_from=(
+                        "--relay-key"
+                        if self._pinned is not None
+                        else "the other addresses of --relay (one relay's nodes share one key)"
+                    ),
                     sign_public=self.identity.public.sign,
                 )
             except RelayKeyChangedError as exc:
@@ -221,7 +233,11 @@ class Messenger:
                 self._emit(NoticeEvent(exc.full_text(), error=True))
                 return
             except SecureChatError as exc:
-                self.last_connect_error = exc
+                failed += 1
+                self._next_relay()
+                if failed % len(self._relays):  # another address to try first: now
+                    continue
+                self.last_connect_error = exc  # every address failed: say why, back off
                 # Full jitter (AWS architecture blog): spread reconnects of many clients.
                 wait = random.uniform(0, delay)
                 self._emit(ConnectionEvent(False, f"offline ({exc}); retrying in {wait:.1f}s"))
@@ -229,8 +245,16 @@ class Messenger:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_INITIAL
+            failed = 0
             self.last_connect_error = None
+            if len(self._relays) > 1:
+                self._cluster_key = link.relay_key
             self._serve(link)
+            self._next_relay()  # a node that dropped us may be going away: try the next
+
+    def _next_relay(self) -> None:
+        """Fail over to the next address of a relay cluster (no-op with one address)."""
+        self._relay_index = (self._relay_index + 1) % len(self._relays)
 
     def _serve(self, link: RelayLink) -> None:
         try:
@@ -240,7 +264,7 @@ class Messenger:
                 self._link = link
                 out = self.session.connection_made(now_ms())
                 link.send(out.frames)
-            self._emit(ConnectionEvent(True, f"connected to {self.relay_address}"))
+            self._emit(ConnectionEvent(True, f"connected to {link.address}"))
             self._report(out)
             self._pump(link)
         except TransportError as exc:

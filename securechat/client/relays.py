@@ -55,7 +55,7 @@ def parse_address(text: str) -> tuple[str, int]:
         host, _, port_text = raw.partition(":")
         if not port_text:
             raise _bad_address(text)
-    if not host or any(ch.isspace() or ch in "/[]" for ch in host):
+    if not host or any(ch.isspace() or ch in "/[]," for ch in host):
         raise _bad_address(text)
     if not port_text:
         return host, DEFAULT_PORT
@@ -74,6 +74,18 @@ def with_port(text: str) -> str:
     """The address as the user wrote it, with the default port when it had none."""
     host, port = parse_address(text)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_relays(text: str) -> list[str]:
+    """``a:5050,b:5050``: the nodes of one relay cluster (issue 16), each with its port.
+
+    The client tries them in turn (the next after a failure, with backoff) and
+    expects one relay key from all of them: a cluster's nodes share one key.
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise UsageError(f"bad relay address list {text!r}: expected HOST:PORT[,HOST:PORT...]")
+    return [with_port(part) for part in parts]
 
 
 def canonical_address(text: str) -> str:

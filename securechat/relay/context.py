@@ -12,23 +12,29 @@ import socket
 from securechat.relay.conn import Conn
 from securechat.relay.guard import Admission, Budgets, PartialBytes
 from securechat.relay.limits import RelayConfig
+from securechat.relay.mailboxes import Mailboxes
 from securechat.relay.rendezvous import Rendezvous
 from securechat.relay.router import Router
-from securechat.relay.store_thread import StoreThread
 
 
 class RelayContext:
     """What every worker shares: configuration, routing table, store, relay key, budgets."""
 
     def __init__(
-        self, config: RelayConfig, router: Router, store: StoreThread, static_private: bytes
+        self,
+        config: RelayConfig,
+        router: Router,
+        store: Mailboxes,
+        static_private: bytes,
+        budgets: Budgets | None = None,
     ) -> None:
         self.config = config
         self.router = router
         self.store = store
         self.static_private = static_private
         self.admission: Admission[Conn] = Admission(config)
-        self.budgets = Budgets(config)
+        # A cluster's budgets live in Redis (cluster.RedisBudgets); alone, in memory.
+        self.budgets = budgets if budgets is not None else Budgets(config)
         self.partial: PartialBytes[Conn] = PartialBytes(
             config.partial_bytes, config.partial_bytes_per_prefix
         )

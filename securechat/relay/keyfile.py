@@ -84,3 +84,30 @@ def _create(directory: Path, private: bytes) -> bytes:
     line = encode_token(PUBLIC_PREFIX, public) + "\n"
     files.write_new_file(directory / PUB_FILE, line.encode("ascii"), mode=0o644, force=True)
     return private
+
+
+def load_file(path: Path) -> bytes:
+    """An existing relay key (``--key FILE``: every node of a cluster shares one key).
+
+    Never created here: a typo must not give one node a key of its own, which
+    every client would then refuse as a changed relay key.
+    """
+    with map_exceptions({OSError: StorageError}, f"cannot read the relay key {path}"):
+        if not path.exists():
+            raise StorageError(
+                f"no relay key at {path}; create one with `securechat relay --data DIR` once"
+                " (DIR/relay.key) and give every node that file"
+            )
+        files.check_private_permissions(path)
+        try:
+            text = path.read_text(encoding="ascii")
+        except UnicodeDecodeError as exc:
+            raise CorruptKeyError(f"{path} is not a text key file") from exc
+    return _parse(text, path)
+
+
+def write_public(directory: Path, private: bytes) -> None:
+    """``relay.pub`` in the data folder, for clients to pin (also with ``--key``)."""
+    line = encode_token(PUBLIC_PREFIX, dh.public_key(private)) + "\n"
+    with map_exceptions({OSError: StorageError}, f"cannot write {directory / PUB_FILE}"):
+        files.write_new_file(directory / PUB_FILE, line.encode("ascii"), mode=0o644, force=True)

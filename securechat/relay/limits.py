@@ -148,6 +148,8 @@ RECENTLY_ACKED: Final = 20_000  # remembered acked (mailbox, sender, id) for ide
 MAX_STORED_OTKS: Final = 200  # one-time prekeys kept per identity
 KNOWN_MAILBOX_CACHE: Final = 1 << 17  # known mailboxes kept in memory (the rest: one look-up)
 TICK_S: Final = 0.1  # timer resolution of the worker loops
+REDIS_PASSWORD_ENV: Final = "SECURECHAT_REDIS_PASSWORD"  # noqa: S105 - a variable's name
+DEFAULT_METRICS_INTERVAL_S: Final = 60.0  # one metrics line per node this often (0: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,12 @@ class RelayConfig:
     invite_max_open_per_identity: int = DEFAULT_INVITE_MAX_OPEN_PER_IDENTITY
     invite_join_rate: float = DEFAULT_INVITE_JOIN_RATE
     invite_join_burst: float = DEFAULT_INVITE_JOIN_BURST
+    # Cluster (issue 16): a Redis URL ("" = the embedded SQLite store), the relay key
+    # file every node shares, and the per-node metrics line.
+    cluster: str = ""
+    cluster_allow_unsafe: bool = False
+    key_file: Path | None = None
+    metrics_interval: float = DEFAULT_METRICS_INTERVAL_S
 
 
 class TokenBucket:

@@ -99,6 +99,22 @@ class Router:
         with self.lock:
             return list(self.watchers.get(identity, ()))
 
+    def is_online(self, mailbox: bytes) -> bool:
+        """Is ``mailbox``'s identity connected (here; a cluster router: on any node)?"""
+        return mailbox in self.online
+
+    def presence_changed(self, identity: bytes, *, online: bool) -> bool:
+        """``identity``'s connection here came or went: should this relay's watchers hear
+        it? (Always, alone; a cluster router says no while it is online on another node.)"""
+        return True
+
+    def tell(self, mailbox: bytes, frame: bytes) -> None:
+        """Queue ``frame`` on ``mailbox``'s connection, if it is connected (here; a cluster
+        router: on any node)."""
+        conn = self.online.get(mailbox)
+        if conn is not None:
+            conn.loop.call_soon(conn.loop.queue_frame, conn, frame)
+
 
 RECENT_KEY_SIZE: Final = 80  # mailbox + sender key + msg id
 

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from securechat.core import dh
 from securechat.core.encoding import fingerprint
@@ -42,6 +42,10 @@ from securechat.relay.oserrors import describe, map_exceptions
 from securechat.relay.router import Router
 from securechat.relay.store_thread import StoreThread
 from securechat.relay.worker import Worker
+
+if TYPE_CHECKING:  # the cluster needs the optional redis package: imported when used
+    from securechat.relay import cluster
+    from securechat.relay.redis_store import RedisMailboxes
 
 log = logging.getLogger("securechat.relay")
 
@@ -96,26 +100,60 @@ class Relay:
         self._listener = bind_listener(config.host, config.port)
         self._lock_file: IO[str] | None = None
         self._store_db: st.MailboxStore | None = None
+        self._redis: Any = None  # the Redis client of a cluster node
+        self.durability = ""  # what Redis promises (cluster only), for the log
         try:
             self._lock_file = lock_data_dir(config.data_dir)
-            self.private = keyfile.load_or_create(config.data_dir)
-            self._store_db = st.open_store(config.data_dir, config)
+            if config.key_file is not None:
+                self.private = keyfile.load_file(config.key_file)
+                keyfile.write_public(config.data_dir, self.private)
+            else:
+                self.private = keyfile.load_or_create(config.data_dir)
+            if config.cluster:
+                cl = _import_cluster()
+                self._redis = cl.connect(config.cluster)
+                self.durability = cl.check_durability(
+                    self._redis, allow_unsafe=config.cluster_allow_unsafe
+                )
+                cl.load(self._redis)
+            else:
+                self._store_db = st.open_store(config.data_dir, config)
         except BaseException:
             self._release()
             raise
         self.public = dh.public_key(self.private)
         self.fingerprint = fingerprint(self.public)
-        self.router = Router()
-        self.store = StoreThread(self._store_db, config, self._new_rows)
-        self._ctx = RelayContext(config, self.router, self.store, self.private)
+        self.bus: cluster.Bus | None = None
+        self.node = ""
+        self.store: StoreThread | RedisMailboxes
+        budgets = None
+        if self._redis is not None:
+            from securechat.relay.redis_store import RedisMailboxes
+
+            cl = _import_cluster()
+            self.node = cl.new_node_id()
+            self.store = RedisMailboxes(self._redis, config, self.node, self._new_rows)
+            router = cl.ClusterRouter(self.node, self.store)
+            self.bus = cl.Bus(self._redis, router)
+            router.bus = self.bus
+            self.router: Router = router
+            budgets = cl.RedisBudgets(config, self._redis)
+        else:
+            assert self._store_db is not None
+            self.router = Router()
+            self.store = StoreThread(self._store_db, config, self._new_rows)
+        self._ctx = RelayContext(config, self.router, self.store, self.private, budgets)
         self.workers = [Worker(i, self._ctx) for i in range(max(config.workers, 1))]
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._next_report = 0.0
+        self._next_metrics = time.monotonic() + config.metrics_interval
 
     def start(self) -> None:
         self._listener.setblocking(False)
         self._ctx.listener = self._listener
         self.store.start()
+        if self.bus is not None:
+            self.bus.start()
         self._started = True
         for worker in self.workers:
             worker.start()
@@ -128,7 +166,9 @@ class Relay:
             for worker in self.workers:
                 worker.join(10.0)
             self._listener.close()
-            self.store.stop()  # closes the database
+            self.store.stop()  # closes the database (SQLite) or drains the queue (Redis)
+            if self.bus is not None:
+                self.bus.stop()
             self._store_db = None
             self._started = False
         self._release()
@@ -138,12 +178,43 @@ class Relay:
         if not self._started and self._store_db is not None:
             self._store_db.close()
             self._store_db = None
+        if self._redis is not None and not self._started:
+            self._redis.close()
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
 
+    def metrics(self) -> str:
+        """One line of this node's figures (logged every --metrics-interval seconds)."""
+        ctx = self._ctx
+        parts = [
+            f"connections {ctx.admission.total}",
+            f"handshaking {ctx.admission.handshakes}",
+            f"online {len(self.router.online)}",
+            f"store queue {self.store.queued_requests} ({self.store.queued_bytes >> 10} KiB)",
+            f"store batches {self.store.batches}",
+        ]
+        if self.bus is not None:
+            store: Any = self.store
+            router: Any = self.router
+            parts.append(
+                f"redis requests {store.requests} failed {store.failures}"
+                f" retried batches {store.retries}"
+            )
+            parts.append(
+                f"node {self.node} peers {len(router.nodes)}"
+                f" remote online {len(router.remote)} bus in {self.bus.received}"
+                f" out {self.bus.sent} resubscribed {self.bus.reconnects}"
+            )
+        return "metrics: " + ", ".join(parts)
+
     def report(self, now: float) -> None:
-        """Every REPORT_INTERVAL_S: one line for connections refused meanwhile (not one each)."""
+        """Every REPORT_INTERVAL_S: one line for connections refused meanwhile (not one each);
+        every --metrics-interval: the metrics line."""
+        interval = self.config.metrics_interval
+        if interval and now >= self._next_metrics:
+            self._next_metrics = now + interval
+            log.info("%s", self.metrics())
         if now < self._next_report:
             return
         self._next_report = now + REPORT_INTERVAL_S
@@ -309,6 +380,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="full",
         help="SQLite synchronous mode (default %(default)s)",
     )
+    a(
+        "--key",
+        default=None,
+        metavar="FILE",
+        help="use this relay key file (every node of a cluster: the same file) instead of"
+        " DATA/relay.key",
+    )
+    a(
+        "--cluster",
+        default="",
+        metavar="URL",
+        help="share mailboxes with other relays through Redis: redis://HOST:PORT/DB or"
+        f" rediss://...; password in {limits.REDIS_PASSWORD_ENV} (default: this relay's own"
+        " store)",
+    )
+    a(
+        "--cluster-allow-unsafe",
+        action="store_true",
+        help="run against a Redis that may lose acknowledged frames (no AOF fsync on every"
+        " write, or eviction); logged loudly",
+    )
+    a(
+        "--metrics-interval",
+        type=float,
+        default=d.metrics_interval,
+        help="seconds between metrics lines in the log, 0 = none (default %(default)s)",
+    )
     a("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
 
 
@@ -321,13 +419,33 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         values[field] = value
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
+    if args.metrics_interval < 0:
+        raise UsageError("--metrics-interval must be 0 or positive")
+    if args.cluster_allow_unsafe and not args.cluster:
+        raise UsageError("--cluster-allow-unsafe needs --cluster")
     return RelayConfig(
         host=args.host,
         port=args.port,
         data_dir=Path(args.data),
         sync_full=args.sync == "full",
+        cluster=args.cluster,
+        cluster_allow_unsafe=args.cluster_allow_unsafe,
+        key_file=Path(args.key) if args.key else None,
+        metrics_interval=args.metrics_interval,
         **values,
     )
+
+
+def _import_cluster() -> Any:
+    """The cluster module, which needs the optional ``redis`` package (one clear line)."""
+    try:
+        from securechat.relay import cluster
+    except ImportError as exc:
+        raise UsageError(
+            f"--cluster needs the redis package ({exc}); install it with"
+            " pip install 'securechat[cluster]'"
+        ) from None
+    return cluster
 
 
 def _setup_logging(level: str) -> None:
@@ -389,6 +507,8 @@ def run_relay(args: argparse.Namespace) -> int:
         host, port = relay.address
         print(f"securechat relay listening on {host}:{port} key {relay.fingerprint}", flush=True)
         log.info("relay key %s, data in %s", relay.fingerprint, config.data_dir)
+        if relay.node:
+            log.info("cluster node %s on %s (%s)", relay.node, config.cluster, relay.durability)
         while not stop.wait(0.5):
             relay.report(time.monotonic())
         log.info("shutting down")

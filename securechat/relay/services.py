@@ -125,11 +125,9 @@ class Services:
         return None
 
     def _tell_owner(self, owner: bytes, left: int) -> None:
-        """Push ``PrekeyCount`` to the owner of the prekeys, if it is connected."""
-        target = self.router.online.get(wire.mailbox_address(owner))
-        if target is not None:
-            frame = wire.encode(wire.PrekeyCount(left))
-            target.loop.call_soon(target.loop.queue_frame, target, frame)
+        """Push ``PrekeyCount`` to the owner of the prekeys, if it is connected (on any
+        node of a cluster)."""
+        self.router.tell(wire.mailbox_address(owner), wire.encode(wire.PrekeyCount(left)))
 
     # --- presence and keep-alive ---------------------------------------------------------------
     def on_subscribe(self, conn: Conn, f: wire.PresenceSubscribe) -> Wait:
@@ -142,13 +140,15 @@ class Services:
         router.watch(conn, conn.watching, new)
         conn.watching = new
         for key in f.identity_keys:
-            online = wire.mailbox_address(key) in router.online
+            online = router.is_online(wire.mailbox_address(key))
             self.loop.queue_frame(conn, wire.encode(wire.Presence(key, online)))
         return None
 
     def presence_changed(self, conn: Conn, *, online: bool) -> None:
         """``conn``'s identity came online or left: tell whoever watches it."""
         assert conn.identity is not None
+        if not self.router.presence_changed(conn.identity, online=online):
+            return  # online on another relay node all along: nothing changed for watchers
         frame = wire.encode(wire.Presence(conn.identity, online))
         for watcher in self.router.watchers_of(conn.identity):
             watcher.loop.call_soon(watcher.loop.queue_frame, watcher, frame)

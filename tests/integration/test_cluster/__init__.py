@@ -1,0 +1,1 @@
+"""Relays sharing mailboxes through Redis (issue 16): nodes, faults, the soak."""
