@@ -48,6 +48,7 @@ from securechat.errors import (
     UsageError,
 )
 
+MAX_HISTORY: Final = 1000  # history: the daemon's most per call
 CALL_TIMEOUT: Final = 30.0  # seconds for one answer: the daemon answers in milliseconds
 STATUS_CACHE: Final = 0.05  # seconds a status answer is reused (status lines poll it)
 _WAIT_STEP: Final = 0.02
@@ -394,9 +395,13 @@ class RemoteClient:
 
 @contextlib.contextmanager
 def attach(
-    path: Path, relay: str | None, on_event: Callable[[Event], None], since: int | None = None
+    path: Path,
+    relay: str | None,
+    on_event: Callable[[Event], None],
+    since: int | Callable[[RemoteMessenger], int | None] | None = None,
 ) -> Iterator[RemoteClient]:
-    """A client of the daemon at ``path``, subscribed from ``since`` (None: from now)."""
+    """A client of the daemon at ``path``, subscribed from ``since`` (None: from now;
+    a function: asked once connected)."""
     remote = RemoteMessenger(path, on_event)
     try:
         if relay is not None and relay != remote.relay_address:
@@ -406,7 +411,7 @@ def attach(
                     f"{remote.relay_address}, not {relay}"
                 )
             )
-        remote.subscribe(since)
+        remote.subscribe(since(remote) if callable(since) else since)
         yield RemoteClient(remote.identity, remote)
     finally:
         remote.close()
