@@ -54,5 +54,5 @@ def running_daemon(
             daemon.stop()
     finally:
         if reader is not None:
-            reader.close()
+            reader.close()  # closed by daemon.stop() already, unless it never started
         store.close()

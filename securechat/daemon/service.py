@@ -52,6 +52,7 @@ MAX_SUBSCRIBERS: Final = 16  # subscriptions at once, over every connection
 REPLAY_BATCH: Final = 200  # log rows read per step of a subscription
 WAKE_INTERVAL: Final = 1.0  # a subscription re-reads the log at least this often
 MAX_CURSOR: Final = 2**62
+STOP_GRACE: Final = 2.0  # seconds a stopping daemon waits for each subscription thread
 
 
 class Sink(Protocol):
@@ -90,6 +91,7 @@ class Daemon:
         self.account = identity.name
         self._me_hex = identity.public.dh.hex()
         self._reader = reader
+        self._reader_open = True
         self._read_lock = threading.Lock()
         self._log_changed = threading.Condition()
         self._log_version = 0
@@ -129,12 +131,20 @@ class Daemon:
         self.messenger.start()
 
     def stop(self) -> None:
+        """Stop the subscriptions and the messenger, then close the reading connection
+        (under its lock: a subscription thread never reads a closed connection)."""
         with self._subs_lock:
             subs = list(self._subs)
+            self._subs.clear()
         for sub in subs:
             sub.stop()
-        self.messenger.stop()
         self._wake()
+        for sub in subs:
+            sub.join(STOP_GRACE)
+        self.messenger.stop()
+        with self._read_lock:
+            self._reader_open = False
+            self._reader.close()
 
     def close(self, caller: Caller) -> None:
         """A connection ended: its subscription goes with it."""
@@ -210,6 +220,8 @@ class Daemon:
         """(the cursor reached, the API events after ``cursor``, whether more may follow)
         from at most ``limit`` rows."""
         with self._read_lock:
+            if not self._reader_open:
+                return cursor, [], False
             rows = self._reader.events_since(cursor, limit)
             names = self._names()
             events = []
@@ -503,6 +515,10 @@ class Subscription:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         daemon = self.daemon
