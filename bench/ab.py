@@ -45,6 +45,19 @@ def _workload(kind: str, seconds: float, rate: float) -> tuple[driver.Workload, 
     return w.durable(20, 50, 0.0, seconds), 1
 
 
+def _network_args(tree: Path) -> list[str]:
+    """The per-network limits the working tree's relay is benched with, for a baseline
+    that knows them (a relay from before issue 11 does not: it runs without)."""
+    probe = subprocess.run(
+        [sys.executable, "-m", "securechat", "relay", "--help"],
+        capture_output=True, text=True, cwd=tree, timeout=60, check=False,
+    )  # fmt: skip
+    flags = servers.BENCH_NETWORK_ARGS
+    if probe.returncode == 0 and all(f in probe.stdout for f in flags[::2]):
+        return list(flags)
+    return []
+
+
 def _start(tree: Path | None, workdir: Path, extra: list[str]) -> servers.Server:
     if tree is None:
         return servers.start_securechat(workdir, extra)
@@ -63,6 +76,7 @@ def _start(tree: Path | None, workdir: Path, extra: list[str]) -> servers.Server
         str(data),
         "--max-per-ip",
         str(servers.BENCH_MAX_PER_IP),
+        *_network_args(tree),
         *extra,
     ]
     logfile = workdir / "securechat.log"

@@ -21,7 +21,7 @@ LISTEN_RE = re.compile(r"listening on ([0-9.]+):(\d+)")
 STOP_GRACE_S = 5.0
 BENCH_MAX_PER_IP = 20_000
 # The per-network (/24) admission limits, lifted like --max-per-ip (relays before issue 11
-# do not have these flags: bench.ab's baseline side runs without them).
+# do not have these flags: bench.ab gives them to a baseline only if its relay knows them).
 BENCH_NETWORK_ARGS = [
     "--max-per-prefix",
     str(BENCH_MAX_PER_IP),

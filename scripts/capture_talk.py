@@ -17,7 +17,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration"), str(RO
 
 import test_talk_pty as pty  # noqa: E402 (needs the path above)
 
-from relay_fixture import Relay, keygen  # noqa: E402
+from relay_fixture import RelayProcess, keygen  # noqa: E402
 
 HEADER = [
     "A real securechat talk session, captured from two pseudo-terminals (pexpect + pyte)",
@@ -40,7 +40,7 @@ def main(out_path: str) -> None:
     tmp = Path(tempfile.mkdtemp())
     home = tmp / "home"
     keygen(home, "alice", "bob")
-    relay = Relay.start(tmp / "relay-data")
+    relay = RelayProcess.start(tmp / "relay-data")
     try:
 
         def start(key: str, peer: str) -> pty.Term:

@@ -262,8 +262,11 @@ class Driver:
 def run_soak(
     messages: int, kills: int, seed: int, rate: float, work: Path, log: Any = print
 ) -> Figures:
-    from relay_fixture import env_for, keygen  # type: ignore[import-not-found]
-    from relayclient import RelayProcess  # type: ignore[import-not-found]
+    from relay_fixture import (  # type: ignore[import-not-found]
+        RelayProcess,  # type: ignore[import-not-found]
+        cli_env,
+        keygen,
+    )
 
     rnd = random.Random(seed)
     plan = streams()
@@ -272,7 +275,7 @@ def run_soak(
     home = work / "home"
     keygen(home, *plan)
     relay = RelayProcess.start(work / "relay", "--ack-timeout", "1", "--log-level", "WARNING")
-    env = env_for(home)
+    env = cli_env(home)
     address = f"{relay.host}:{relay.port}"
     drivers = {
         n: Driver(n, work, env, address, str(work / "relay" / "relay.pub"), count, rate)

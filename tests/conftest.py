@@ -1,18 +1,17 @@
-"""Shared fixtures: an isolated key directory and a way to run the real CLI."""
+"""Shared fixtures: an isolated key directory, keys in it, and a relay subprocess.
+
+The process helpers themselves (``run_cli``, ``spawn``, ``RelayProcess``) live in
+``relay_fixture.py``, so test modules import them from one place.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from relay_fixture import Relay, keygen
-
-REPO = Path(__file__).resolve().parent.parent
+from relay_fixture import RelayProcess, keygen
 
 
 @pytest.fixture
@@ -24,29 +23,6 @@ def sc_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield home
 
 
-def cli_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SECURECHAT_")}
-    env["SECURECHAT_HOME"] = str(home)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    home: Path, *args: str, input: str | None = None, timeout: float = 60, **env: str
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m securechat ARGS`` as a user would, stdin not a TTY."""
-    return subprocess.run(
-        [sys.executable, "-m", "securechat", *args],
-        input=input if input is not None else "",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(home, **env),
-        cwd=home.parent,
-    )
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A key directory with alice, bob and carol (unencrypted keys), for client tests."""
@@ -56,8 +32,8 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
+def relay(tmp_path: Path) -> Iterator[RelayProcess]:
     """``securechat relay`` as a subprocess on a free loopback port."""
-    server = Relay.start(tmp_path / "relay-data")
+    server = RelayProcess.start(tmp_path / "relay-data")
     yield server
     server.stop()

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay_fixture import Relay, cli_cmd, env_for
+from relay_fixture import RelayProcess as Relay
+from relay_fixture import cli_cmd
+from relay_fixture import cli_env as env_for
 from relayclient import PipeDrain
 
 START_TIMEOUT = 15.0

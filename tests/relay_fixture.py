@@ -1,22 +1,34 @@
-"""Real processes for the client tests: a relay subprocess and the securechat CLI."""
+"""Real processes for the integration tests: the one relay subprocess and the one CLI runner.
+
+    relay = RelayProcess.start(tmp_path / "relay", "--quota-frames", "1")
+    result = run_cli(home, "send", "--key", "alice", "--peer", "bob", "--relay", relay.address)
+
+Every child gets a clean environment (no ``SECURECHAT_*`` variable of the test run leaks
+in), runs this checkout's code, and has its pipes read continuously (``PipeDrain``), so a
+chatty child never blocks on a full pipe.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from relayclient import PipeDrain
+from securechat.core.encoding import decode_token
+
+from relayclient import PipeDrain, RelayClient
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 START_TIMEOUT = 15.0
+LISTEN_RE = re.compile(r"listening on ([0-9.]+):(\d+) key (\S+)")
 
 
 def cli_cmd() -> list[str]:
@@ -24,7 +36,8 @@ def cli_cmd() -> list[str]:
     return [sys.executable, "-m", "securechat"]
 
 
-def env_for(home: Path, **extra: str) -> dict[str, str]:
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a child: ours without SECURECHAT_*, this key directory and code."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECURECHAT_")}
     env["SECURECHAT_HOME"] = str(home)
     env["PYTHONUNBUFFERED"] = "1"
@@ -33,17 +46,30 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(
-    home: Path, *args: str, input: str = "", timeout: float = 30
+def run_cli(
+    home: Path, *args: str, input: str | None = None, timeout: float = 60, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """``securechat ARGS`` with stdin a pipe (so talk is in pipe mode)."""
+    """``securechat ARGS`` as a user runs it, stdin a pipe (so talk is in pipe mode)."""
     return subprocess.run(
         [*cli_cmd(), *args],
-        input=input,
+        input=input if input is not None else "",
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env_for(home),
+        env=cli_env(home, **env),
+        cwd=home.parent,
+    )
+
+
+def spawn(home: Path, *args: str, stdin: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``securechat ARGS`` running in the background, its output in pipes (text)."""
+    return subprocess.Popen(
+        [*cli_cmd(), *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(home),
         cwd=home.parent,
     )
 
@@ -62,90 +88,111 @@ def keygen(home: Path, *names: str, force: bool = False) -> None:
         files.write_new_file(home / f"{name}.pub", public, mode=0o644, force=force)
 
 
-@dataclass
-class Relay:
-    """``securechat relay`` on a free loopback port, stoppable and restartable."""
+class RelayProcess:
+    """``securechat relay`` as a subprocess on a loopback port: start, connect, stop, restart.
 
-    data: Path
-    proc: subprocess.Popen[str]
-    address: str
-    log: PipeDrain | None = None  # the relay's stderr, read continuously (see PipeDrain)
-    extra: tuple[str, ...] = ()  # more relay flags (limits), kept across restarts
+    ``args`` are more relay flags (limits, ``--log-level``); they are kept across restarts.
+    """
+
+    def __init__(
+        self, proc: subprocess.Popen[str], host: str, port: int, fp: str, data_dir: Path,
+        args: Sequence[str],
+    ) -> None:  # fmt: skip
+        self.proc = proc
+        assert proc.stderr is not None and proc.stdout is not None
+        self._stderr = PipeDrain(proc.stderr)
+        self._stdout = PipeDrain(proc.stdout)
+        self.host = host
+        self.port = port
+        self.fingerprint = fp
+        self.data_dir = data_dir
+        self.args = tuple(args)
+        self.public = decode_token(self.public_key_file.read_text().strip(), "screlay1", 32)
 
     @classmethod
-    def start(cls, data: Path, port: int = 0, extra: Sequence[str] = ()) -> Relay:
+    def start(
+        cls, data_dir: Path, *args: str, port: int = 0, timeout: float = START_TIMEOUT
+    ) -> RelayProcess:
+        cmd = [*cli_cmd(), "relay", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(
-            [
-                *cli_cmd(),
-                "relay",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data",
-                str(data),
-                "--log-level",
-                "WARNING",
-                *extra,
-            ],
+            [*cmd, "--data", str(data_dir), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env_for(data.parent / "relay-home"),
+            env=cli_env(data_dir.parent / "relay-home"),
+            cwd=REPO,
         )
         assert proc.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        with selectors.DefaultSelector() as sel:
+        line = ""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:  # bounded: a silent child cannot hang us
             sel.register(proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not sel.select(timeout=deadline - time.monotonic()):
-                    continue
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                if "listening on " in line:
-                    address = line.split("listening on ", 1)[1].split()[0]
-                    assert proc.stderr is not None
-                    return cls(data, proc, address, PipeDrain(proc.stderr), tuple(extra))
-        proc.kill()
-        _, err = proc.communicate(timeout=5)
-        raise RuntimeError(f"relay did not start: {err}")
+            while time.monotonic() < deadline and not LISTEN_RE.search(line):
+                if sel.select(timeout=max(deadline - time.monotonic(), 0)):
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+        match = LISTEN_RE.search(line)
+        if match is None:
+            proc.kill()
+            _, err = proc.communicate(timeout=5)
+            raise RuntimeError(f"relay did not start: {line!r} {err[-2000:]}")
+        host, port_text, fp = match.groups()
+        return cls(proc, host, int(port_text), fp, data_dir, args)
 
     @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        if self.log is not None:
-            self.log.text()  # the pipe reached EOF: the reader thread is done with it
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return self.proc.returncode
-
-    def restart(self) -> Relay:
-        """Stop and start again on the same port with the same data (and key)."""
-        self.stop()
-        return Relay.start(self.data, self.port, self.extra)
+    def address(self) -> str:
+        """HOST:PORT, as a client's ``--relay`` takes it."""
+        return f"{self.host}:{self.port}"
 
     @property
     def public_key_file(self) -> Path:
         """The relay's ``relay.pub`` (what an operator hands to users for --relay-key)."""
-        return self.data / "relay.pub"
+        return self.data_dir / "relay.pub"
+
+    def connect(self, private: bytes, **kw: Any) -> RelayClient:
+        return RelayClient.connect(self.host, self.port, private, self.public, **kw)
+
+    def rss_kib(self) -> int:
+        """The relay process's resident memory (KiB), from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def log_text(self) -> str:
+        """What the relay wrote to stderr so far."""
+        return self._stderr.snapshot()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, str]:
+        """Signal the relay (by its PID), wait, return (exit code, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        log = self._stderr.text()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return self.proc.returncode, log
+
+    def kill(self) -> str:
+        return self.stop(signal.SIGKILL)[1]
+
+    def restart(self) -> RelayProcess:
+        """Start again on the same port and data directory (after stop or kill)."""
+        self.stop()
+        return RelayProcess.start(self.data_dir, *self.args, port=self.port)
 
 
 def talk(
     home: Path,
     key: str,
     peers: Sequence[str],
-    relay: Relay,
+    relay: RelayProcess,
     lines: Sequence[str] = (),
     extra: Sequence[str] = (),
     timeout: float = 30,
@@ -155,4 +202,4 @@ def talk(
     for peer in peers:
         args += ["--peer", peer]
     text = "".join(line + "\n" for line in lines)
-    return run(home, *args, *extra, input=text, timeout=timeout)
+    return run_cli(home, *args, *extra, input=text, timeout=timeout)

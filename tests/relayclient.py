@@ -1,5 +1,6 @@
-"""A small blocking relay client (socket + Noise initiator + frame decoder) and a
-helper that runs the relay as a real subprocess. For tests and the benchmark.
+"""A small blocking relay client (socket + Noise initiator + frame decoder), and a reader
+that drains a child's pipe. For tests and the benchmark (the relay process itself is
+``relay_fixture.RelayProcess``).
 
     relay = RelayProcess.start(tmp_path)
     with RelayClient.connect("127.0.0.1", relay.port, alice_private, relay.public) as c:
@@ -11,20 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
 from securechat.core import dh, wire
-from securechat.core.encoding import decode_token
 from securechat.core.noise import NoiseConnection
 from securechat.errors import ConnectionClosedError, RelayKeyChangedError
 
@@ -199,80 +195,3 @@ class PipeDrain:
     def snapshot(self) -> str:
         """What was read so far (the child may still be writing)."""
         return "".join(list(self._chunks))
-
-
-class RelayProcess:
-    """``securechat relay`` as a subprocess on a free loopback port."""
-
-    def __init__(self, proc: subprocess.Popen[str], host: str, port: int, fp: str,
-                 data_dir: Path, args: list[str]) -> None:  # fmt: skip
-        self.proc = proc
-        assert proc.stderr is not None and proc.stdout is not None
-        self._stderr = PipeDrain(proc.stderr)
-        self._stdout = PipeDrain(proc.stdout)
-        self.host = host
-        self.port = port
-        self.fingerprint = fp
-        self.data_dir = data_dir
-        self.args = args
-        pub_line = (data_dir / "relay.pub").read_text().strip()
-        self.public = decode_token(pub_line, "screlay1", 32)
-
-    @classmethod
-    def start(
-        cls, data_dir: Path, *args: str, port: int = 0, timeout: float = 15.0
-    ) -> RelayProcess:
-        argv = ["--port", str(port), "--data", str(data_dir), *args]
-        cmd = [sys.executable, "-m", "securechat", "relay", *argv]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=str(Path(__file__).resolve().parent.parent),
-        )
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = ""
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line or proc.poll() is not None:
-                break
-        match = LISTEN_RE.search(line)
-        if match is None:
-            proc.kill()
-            _, err = proc.communicate(timeout=5)
-            raise RuntimeError(f"relay did not start: {line!r} {err[-2000:]}")
-        return cls(proc, match.group(1), int(match.group(2)), match.group(3), data_dir, list(args))
-
-    def connect(self, private: bytes, **kw: Any) -> RelayClient:
-        return RelayClient.connect(self.host, self.port, private, self.public, **kw)
-
-    def rss_kib(self) -> int:
-        """The relay process's resident memory (KiB), from /proc."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def log_text(self) -> str:
-        """What the relay wrote to stderr so far."""
-        return self._stderr.snapshot()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, str]:
-        """Signal the relay, wait, return (exit code, stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        return self.proc.returncode, self._stderr.text()
-
-    def kill(self) -> str:
-        return self.stop(signal.SIGKILL)[1]
-
-    def restart(self) -> RelayProcess:
-        """Start again on the same port and data directory (after stop or kill)."""
-        return RelayProcess.start(self.data_dir, *self.args, port=self.port)

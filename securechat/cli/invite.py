@@ -15,7 +15,7 @@ from pathlib import Path
 from securechat.cli.options import add_client_arguments, add_timeout, positive_timeout
 from securechat.client import app, keystore
 from securechat.client import invite as client_invite
-from securechat.client.link import canonical_address, read_relay_key_file
+from securechat.client.relays import canonical_address, read_relay_key_file
 from securechat.core import invite, keys
 from securechat.errors import SecureChatError, UsageError
 
@@ -108,9 +108,17 @@ def _as_name(value: str | None) -> str | None:
         raise UsageError(f"--as: {exc}", hint="letters, digits, '_', '-' and '.' only") from exc
 
 
+def _duration(seconds: float) -> str:
+    """'10 minutes', '1 minute', '90 seconds': whole minutes as minutes, else seconds."""
+    if seconds >= 60 and seconds % 60 == 0:
+        count = int(seconds // 60)
+        return f"{count} minute{'s' if count != 1 else ''}"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"
+
+
 def _show_invite_event(event: invite.Event, args: argparse.Namespace, address: str) -> None:
     if isinstance(event, invite.CodeReady):
-        minutes = f"{args.timeout / 60:g} minute{'s' if args.timeout != 60 else ''}"
+        minutes = _duration(args.timeout)
         print(
             f"invite code: {event.code}  (the other person runs: securechat accept "
             f"{event.code}{_relay_flag(address)})",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from securechat.client.app import DEFAULT_RELAY, ENV_RELAY
-from securechat.client.link import DEFAULT_PORT
+from securechat.client.relays import DEFAULT_PORT
 from securechat.errors import UsageError
 
 

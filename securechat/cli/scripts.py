@@ -21,8 +21,8 @@ from securechat.client import app, keystore
 from securechat.client.app import load_peers, open_store
 from securechat.client.engine import Engine
 from securechat.client.events import Event, MessageEvent, NoticeEvent
-from securechat.client.link import canonical_address, read_relay_key_file
 from securechat.client.peers import KnownPeers
+from securechat.client.relays import canonical_address, read_relay_key_file
 from securechat.core import envelope
 from securechat.core.encoding import fingerprint
 from securechat.daemon import attach, remote

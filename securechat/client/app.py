@@ -17,17 +17,16 @@ from typing import Final
 from securechat.client import keystore
 from securechat.client.engine import Engine
 from securechat.client.events import Event, NoticeEvent
-from securechat.client.link import (
-    CONNECT_TIMEOUT,
+from securechat.client.link import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
+from securechat.client.messenger import Messenger
+from securechat.client.peers import Conversation
+from securechat.client.relays import (
     DEFAULT_PORT,
-    HANDSHAKE_TIMEOUT,
     KNOWN_RELAYS,
     KnownRelays,
     read_relay_key_file,
     with_port,
 )
-from securechat.client.messenger import Messenger
-from securechat.client.peers import Conversation
 from securechat.client.store import ClientStore, StoreKeys
 from securechat.core import keys, wire
 from securechat.errors import RelayUnreachableError, UsageError

@@ -25,11 +25,12 @@ from typing import Final
 
 from securechat import files
 from securechat.client import keystore
-from securechat.client.link import KnownRelays, RelayLink
+from securechat.client.link import RelayLink
 from securechat.client.peers import KnownPeers
+from securechat.client.relays import KnownRelays
 from securechat.client.store import ClientStore
 from securechat.core import dh, keys, wire
-from securechat.core.invite import Event, InviteSession, PeerVerified, Role
+from securechat.core.invite import Event, InviteSession, PeerVerified, Role, State
 from securechat.errors import (
     DeliveryTimeoutError,
     InviteFailedError,
@@ -113,15 +114,27 @@ def _failed_note(session: InviteSession) -> str:
     return "nothing was recorded: check the code with whoever gave it, and ask for a new one"
 
 
+_NEW_CODE: Final = "ask for a new code"
+_ANOTHER_NAME: Final = f"{_NEW_CODE} and run again with --as ANOTHER_NAME"
+
+
 def _timed_out(session: InviteSession, timeout: float) -> DeliveryTimeoutError:
+    if session.role is Role.OPENER and session.state is State.KEYED:
+        return DeliveryTimeoutError(
+            f"someone joined invite {session.code} but never proved the code within "
+            f"{timeout:g}s; nothing was recorded",
+            hint="run 'securechat invite' again for a new code; if your friend did not join, "
+            "someone may have tried to intercept it",
+        )
     if session.role is Role.OPENER:
         return DeliveryTimeoutError(
-            f"nobody accepted invite {session.code} within {timeout:g}s; it is closed now. "
-            "Run 'securechat invite' again for a new code"
+            f"nobody accepted invite {session.code} within {timeout:g}s; it is closed now",
+            hint="run 'securechat invite' again for a new code",
         )
     return DeliveryTimeoutError(
         f"the inviter did not answer on invite {session.code} within {timeout:g}s (did they "
-        "stop waiting?); ask for a new code"
+        "stop waiting?)",
+        hint=_NEW_CODE,
     )
 
 
@@ -152,7 +165,7 @@ def record_peer(
     chosen = name or peer.name
     if not chosen:
         raise UsageError(
-            "the other side's key carries no name: ask for a new code and run again with --as NAME"
+            "the other side's key carries no name", hint=f"{_NEW_CODE} and run again with --as NAME"
         )
     peer = dataclasses.replace(peer, name=keys.check_name(chosen))
     if peer.same_keys(me):
@@ -168,8 +181,8 @@ def record_peer(
             raise PeerKeyChangedError(
                 f"the other side calls itself {peer.name!r}, but {where} already has another "
                 f"key under that name ({other.fingerprint}); nothing was recorded. Its verified "
-                f"key is {peer.fingerprint}: ask for a new code and run again with --as "
-                "ANOTHER_NAME"
+                f"key is {peer.fingerprint}",
+                hint=_ANOTHER_NAME,
             )
     if recorded is None:
         with store.transaction():
@@ -187,6 +200,6 @@ def _public_in(path: Path) -> keys.PublicIdentity | None:
         return keystore.load_public(str(path))
     except KeyFileError as exc:
         raise UsageError(
-            f"{path} exists but is not a usable key ({exc}); nothing was "
-            "recorded: ask for a new code and run again with --as ANOTHER_NAME"
+            f"{path} exists but is not a usable key ({exc}); nothing was recorded",
+            hint=_ANOTHER_NAME,
         ) from exc

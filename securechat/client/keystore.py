@@ -169,8 +169,9 @@ def passphrase_from_env_or_tty(prompt: str, *, confirm: bool) -> bytes:
     if value is not None:
         if not value:
             raise UsageError(
-                f"{ENV_PASSPHRASE} is set but empty; set it to the passphrase, unset it to be "
-                "asked on the terminal (or use --no-passphrase with keygen for an unencrypted key)"
+                f"{ENV_PASSPHRASE} is set but empty",
+                hint="set it to the passphrase, unset it to be asked on the terminal (or use "
+                "--no-passphrase with keygen for an unencrypted key)",
             )
         return value.encode()
     if not sys.stdin.isatty():
@@ -232,7 +233,7 @@ def load_public(arg: str, *, peer: bool = False) -> keys.PublicIdentity:
             return keys.parse_private_key(text).public
         text = _decode_text(_read(path, MAX_KEY_FILE), path)
         if text.startswith(keys.PRIVATE_HEADER):
-            raise CorruptKeyError("this is a private key; give the .pub file")
+            raise CorruptKeyError("this is a private key", hint="give the .pub file")
         return keys.PublicIdentity.from_line(text, default_name=path.stem)
 
 

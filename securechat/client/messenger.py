@@ -34,8 +34,9 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from securechat.client.events import ConnectionEvent, Event, NoticeEvent, Output
-from securechat.client.link import KnownRelays, RelayLink
+from securechat.client.link import RelayLink
 from securechat.client.peers import Conversation, KnownPeers
+from securechat.client.relays import KnownRelays
 from securechat.client.session import ClientSession, Tap
 from securechat.client.store import ClientStore
 from securechat.core import keys, wire

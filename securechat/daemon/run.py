@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from securechat.client import app, keystore
-from securechat.client.link import read_relay_key_file
+from securechat.client.relays import read_relay_key_file
 from securechat.client.store import ClientStore
 from securechat.daemon.server import SocketServer, answers
 from securechat.daemon.service import Daemon, socket_path

@@ -34,9 +34,9 @@ from typing import Any, Final, Protocol
 from securechat import __version__
 from securechat.client import app, keystore
 from securechat.client.events import Event, MessageEvent, PresenceEvent, StatusEvent
-from securechat.client.link import KnownRelays
 from securechat.client.messenger import Messenger
 from securechat.client.peers import Conversation, KnownPeers
+from securechat.client.relays import KnownRelays
 from securechat.client.store import ClientStore, HistoryEntry
 from securechat.core import envelope, keys
 from securechat.daemon import api, rpc

@@ -25,6 +25,7 @@ import ipaddress
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from enum import Enum
 from typing import Final, Generic, TypeVar
 
 from securechat.relay.limits import (
@@ -37,11 +38,14 @@ from securechat.relay.limits import (
 
 _SECONDS_PER_HOUR: Final = 3600.0
 
-# Budget kinds (frame types with a shared cost)
-FETCH: Final = "fetch"
-SUBSCRIBE: Final = "subscribe"
-PUBLISH: Final = "publish"
-JOIN: Final = "join"  # InviteJoin: a guess at someone's nameplate (relay/rendezvous.py)
+
+class Budget(str, Enum):
+    """The frame types with a shared cost: each has a budget per identity and per prefix."""
+
+    FETCH = "fetch"  # FetchPrekeys
+    SUBSCRIBE = "subscribe"  # PresenceSubscribe (1 + keys/16)
+    PUBLISH = "publish"  # PublishPrekeys
+    JOIN = "join"  # InviteJoin: a guess at someone's nameplate (relay/rendezvous.py)
 
 
 def prefix_of(ip: str) -> str:
@@ -105,22 +109,22 @@ class Budgets:
         f = config.prefix_factor
         self._lock = threading.Lock()
         rates = {
-            FETCH: (config.fetch_rate, config.fetch_burst),
-            SUBSCRIBE: (config.subscribe_rate, config.subscribe_burst),
-            PUBLISH: (config.publish_rate, config.publish_burst),
-            JOIN: (config.invite_join_rate, config.invite_join_burst),
+            Budget.FETCH: (config.fetch_rate, config.fetch_burst),
+            Budget.SUBSCRIBE: (config.subscribe_rate, config.subscribe_burst),
+            Budget.PUBLISH: (config.publish_rate, config.publish_burst),
+            Budget.JOIN: (config.invite_join_rate, config.invite_join_burst),
         }
-        self._identity: dict[str, BucketTable[bytes]] = {
+        self._identity: dict[Budget, BucketTable[bytes]] = {
             kind: BucketTable(rate, burst, size) for kind, (rate, burst) in rates.items()
         }
-        self._prefix: dict[str, BucketTable[str]] = {
+        self._prefix: dict[Budget, BucketTable[str]] = {
             kind: BucketTable(rate * f, burst * f, size) for kind, (rate, burst) in rates.items()
         }
         self._otk: BucketTable[bytes] = BucketTable(
             config.otk_per_hour / _SECONDS_PER_HOUR, config.otk_burst, size
         )
 
-    def charge(self, kind: str, identity: bytes, prefix: str, cost: float, now: float) -> float:
+    def charge(self, kind: Budget, identity: bytes, prefix: str, cost: float, now: float) -> float:
         """Take ``cost`` from the identity's and the prefix's bucket of ``kind``.
 
         Returns 0.0 when taken; otherwise the seconds until both could pay, and

@@ -10,19 +10,21 @@ The file is created with ``O_EXCL`` and mode 0600 inside a 0700 directory,
 and refused when group or others may read it (as OpenSSH refuses), when a
 line is missing or extra, or when the public line does not match the secret.
 ``relay.pub`` next to it holds the public line alone, for clients to pin.
+Writing and the permission check are the client's too (``securechat.files``).
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from securechat import files
 from securechat.core import dh
 from securechat.core.encoding import decode_token, encode_token
-from securechat.errors import CorruptKeyError, KeyPermissionError, StorageError
+from securechat.errors import CorruptKeyError, StorageError
+from securechat.relay.oserrors import map_exceptions
 
 KEY_FILE: Final = "relay.key"
 PUB_FILE: Final = "relay.pub"
@@ -33,18 +35,10 @@ PUBLIC_PREFIX: Final = "screlay1"
 
 def ensure_dir(directory: Path) -> None:
     """Create the relay's data directory (0700) if it does not exist."""
-    try:
+    with map_exceptions(
+        {OSError: StorageError}, f"cannot create the relay data directory {directory}"
+    ):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create the relay data directory {directory}: {exc}") from exc
-
-
-def _write_new(path: Path, text: str, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _parse(text: str, path: Path) -> bytes:
@@ -68,26 +62,25 @@ def load_or_create(directory: Path, rng: Callable[[int], bytes] = os.urandom) ->
     """Return the relay's private key, generating and saving it on first start."""
     ensure_dir(directory)
     path = directory / KEY_FILE
-    try:
+    with map_exceptions({OSError: StorageError}, f"cannot read or write the relay key {path}"):
         if not path.exists():
-            private = rng(dh.KEY_SIZE)
-            public = dh.public_key(private)
-            text = (
-                f"{HEADER}\nsecret {encode_token(SECRET_PREFIX, private)}\n"
-                f"public {encode_token(PUBLIC_PREFIX, public)}\n"
-            )
-            _write_new(path, text, 0o600)
-            pub_path = directory / PUB_FILE
-            pub_path.unlink(missing_ok=True)
-            _write_new(pub_path, encode_token(PUBLIC_PREFIX, public) + "\n", 0o644)
-            return private
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise KeyPermissionError(
-                f"{path} is readable by others (mode {mode:o}); run 'chmod 600 {path}'"
-            )
-        return _parse(path.read_text(encoding="ascii"), path)
-    except UnicodeDecodeError as exc:
-        raise CorruptKeyError(f"{path} is not a text key file") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot read or write the relay key {path}: {exc}") from exc
+            return _create(directory, rng(dh.KEY_SIZE))
+        files.check_private_permissions(path)
+        try:
+            text = path.read_text(encoding="ascii")
+        except UnicodeDecodeError as exc:
+            raise CorruptKeyError(f"{path} is not a text key file") from exc
+    return _parse(text, path)
+
+
+def _create(directory: Path, private: bytes) -> bytes:
+    """Write ``relay.key`` (0600, never over an existing one) and ``relay.pub`` (0644)."""
+    public = dh.public_key(private)
+    text = (
+        f"{HEADER}\nsecret {encode_token(SECRET_PREFIX, private)}\n"
+        f"public {encode_token(PUBLIC_PREFIX, public)}\n"
+    )
+    files.write_new_file(directory / KEY_FILE, text.encode("ascii"), mode=0o600)
+    line = encode_token(PUBLIC_PREFIX, public) + "\n"
+    files.write_new_file(directory / PUB_FILE, line.encode("ascii"), mode=0o644, force=True)
+    return private

@@ -21,28 +21,21 @@ cannot use. Rules, in the order they apply:
 
 Channels live in memory only (no store writes) and are bounded per identity, per
 prefix and in all. :class:`Rendezvous` holds the rules and no I/O (tested in
-memory): it returns the frames to queue on which connection; the ``on_*``
-functions at the end are the worker's glue.
+memory): it returns the frames to queue on which connection; ``services.py``
+feeds it the invite frames and queues what it returns.
 """
 
 from __future__ import annotations
 
 import heapq
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeAlias, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from securechat.core import wire
-from securechat.relay import guard
 from securechat.relay.limits import INVITE_MESSAGES_PER_PARTY, RelayConfig
-
-if TYPE_CHECKING:
-    from securechat.relay.worker import Conn, Worker
-
-log = logging.getLogger("securechat.relay")
 
 K = TypeVar("K", bound=Hashable)
 
@@ -182,49 +175,3 @@ def _decrement(counts: dict[K, int], key: K) -> None:
         counts[key] = left
     else:
         counts.pop(key, None)
-
-
-# --- the worker's glue (handlers return a wait, as in handlers.py) ----------------------------
-
-
-def on_invite_open(w: Worker, conn: Conn, f: wire.InviteOpen) -> float | None:
-    identity = conn.identity
-    assert identity is not None
-    actions = w.ctx.rendezvous.open(conn, identity, conn.prefix, w.now)
-    log.debug("invite open by %s: %s", conn.fp, actions[0][1])
-    deliver(w, actions)
-    return None
-
-
-def on_invite_join(w: Worker, conn: Conn, f: wire.InviteJoin) -> float | None:
-    identity = conn.identity
-    assert identity is not None
-    wait = w.ctx.budgets.charge(guard.JOIN, identity, conn.prefix, 1.0, w.now)
-    if wait:
-        return wait  # over budget: held (and nothing more read from it) until it allows
-    deliver(w, w.ctx.rendezvous.join(conn, f.nameplate))
-    return None
-
-
-def on_invite_data(w: Worker, conn: Conn, f: wire.InviteData) -> float | None:
-    deliver(w, w.ctx.rendezvous.data(conn, f.nameplate, f.payload))
-    return None
-
-
-def closed(w: Worker, conn: Conn) -> None:
-    """A connection closed: end its invites (a dictionary look-up when it had none)."""
-    deliver(w, w.ctx.rendezvous.dropped(conn))
-
-
-def tick(w: Worker) -> None:
-    """From the worker's once-a-second timers: expire old invites."""
-    deliver(w, w.ctx.rendezvous.expire(w.now))
-
-
-def deliver(w: Worker, actions: list[Action[Conn]]) -> None:
-    for target, frame in actions:
-        data = wire.encode(frame)
-        if target.worker is w:
-            w.queue_frame(target, data)
-        else:
-            target.worker.call_soon(target.worker.queue_frame, target, data)

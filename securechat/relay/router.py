@@ -1,12 +1,13 @@
-"""Who is online where, what a sender waits for, what was acknowledged lately.
+"""Who is online where, who watches whom, what was acknowledged lately (shared by every loop).
 
 Ownership rules (the relay's concurrency design in four lines):
 
 * a connection and everything hanging off it (its inflight deliveries, its
-  store cursor, its output buffer) is touched only by the worker thread that
-  owns it; other threads *post* work to that worker (``Worker.call_soon``);
-* a :class:`Submission` (one Send or SendMulti) belongs to the sender's
-  worker: each copy's outcome is posted there and counted there;
+  store cursor, its output buffer) is touched only by the thread of the loop
+  that owns it; other threads *post* work to that loop (``Loop.call_soon``);
+* a :class:`~securechat.relay.conn.Submission` (one Send or SendMulti) belongs
+  to the sender's loop: each copy's outcome is posted there and counted there
+  (``delivery.resolve``);
 * the routing table ``online`` (mailbox -> connection) is read without a lock
   (a dict lookup is atomic in CPython) and changed under ``lock``;
 * "recipient offline, so store" is decided under ``lock`` too, and a
@@ -21,100 +22,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from securechat.core import wire
-from securechat.relay import store as st
+from securechat.relay.conn import Conn
 from securechat.relay.limits import RECENTLY_ACKED
-
-if TYPE_CHECKING:
-    from securechat.relay.worker import Conn
-
-# Connection states (see worker.py)
-HANDSHAKE: Final = 0
-OPEN: Final = 1
-CLOSED: Final = 2
-
-# A copy's outcome, as posted to the sender's worker: positive = Accepted status,
-# negative = a refusal (REFUSALS: the wire error code and the reason the sender reads).
-Outcome = int
-REFUSED_MAILBOX_FULL: Final = -1
-REFUSED_UNKNOWN_FULL: Final = -2
-REFUSED_SENDER_QUOTA: Final = -3
-REFUSED_PREFIX_QUOTA: Final = -4
-REFUSED_STORE_FAILED: Final = -5
-REFUSED_STORE_FULL: Final = -6
-REFUSALS: Final[dict[int, tuple[int, str]]] = {
-    REFUSED_MAILBOX_FULL: (wire.QUOTA_EXCEEDED, "the recipient's mailbox is full"),
-    REFUSED_UNKNOWN_FULL: (
-        wire.QUOTA_EXCEEDED,
-        "the recipient has never connected to this relay and its mailbox holds little",
-    ),
-    REFUSED_SENDER_QUOTA: (
-        wire.QUOTA_EXCEEDED,
-        "you have stored your share of this relay (waiting for recipients)",
-    ),
-    REFUSED_PREFIX_QUOTA: (wire.QUOTA_EXCEEDED, "your network has stored its share of this relay"),
-    REFUSED_STORE_FAILED: (wire.STORE_FAILED, "relay store failed"),
-    REFUSED_STORE_FULL: (wire.STORE_FAILED, "relay storage is full; retry later"),
-}
-_INSERT_OUTCOMES: Final[dict[int, Outcome]] = {
-    st.INSERTED: wire.STATUS_STORED,
-    st.DUPLICATE: wire.STATUS_STORED,
-    st.OVER_QUOTA: REFUSED_MAILBOX_FULL,
-    st.UNKNOWN_OVER_QUOTA: REFUSED_UNKNOWN_FULL,
-    st.SENDER_OVER_QUOTA: REFUSED_SENDER_QUOTA,
-    st.PREFIX_OVER_QUOTA: REFUSED_PREFIX_QUOTA,
-    st.LOW_SPACE: REFUSED_STORE_FAILED,
-    st.STORE_FULL: REFUSED_STORE_FULL,
-}
-
-
-class Submission:
-    """One Send/SendMulti: Accepted once every copy is safe, Error if one is refused."""
-
-    __slots__ = ("conn", "copies", "done", "msg_id", "remaining", "status")
-
-    def __init__(self, conn: Conn, msg_id: bytes, copies: int) -> None:
-        self.conn = conn
-        self.msg_id = msg_id
-        self.copies = copies
-        self.remaining = copies
-        self.status = 2
-        self.done = False
-
-
-class Copy:
-    """One recipient's copy of a submitted payload, on its way.
-
-    The sender's address prefix (for the store's per-prefix quota) is read from
-    the submission's connection when the copy is stored.
-    """
-
-    __slots__ = ("mailbox", "msg_id", "payload", "sender", "sub", "ts")
-
-    def __init__(
-        self, sub: Submission, mailbox: bytes, sender: bytes, msg_id: bytes, ts: int, payload: bytes
-    ) -> None:
-        self.sub = sub
-        self.mailbox = mailbox
-        self.sender = sender
-        self.msg_id = msg_id
-        self.ts = ts
-        self.payload = payload
-
-
-class Inflight:
-    """A copy delivered live, waiting for the recipient's Ack (or its timeout)."""
-
-    __slots__ = ("copy", "deadline", "sent", "subs", "turn")
-
-    def __init__(self, copy: Copy, sent: float, turn: int, ack_timeout: float) -> None:
-        self.copy = copy
-        self.sent = sent  # worker clock and loop turn when queued (stall detection)
-        self.turn = turn
-        self.deadline = sent + ack_timeout
-        self.subs: list[Submission] = [copy.sub]
 
 
 class Router:
@@ -194,39 +105,3 @@ RECENT_KEY_SIZE: Final = 80  # mailbox + sender key + msg id
 
 def recent_key(mailbox: bytes, sender: bytes, msg_id: bytes) -> bytes:
     return mailbox + sender + msg_id
-
-
-def insert_outcome(result: int | None) -> Outcome:
-    """Map a store insert result (None: the store failed) to a copy outcome."""
-    if result is None:
-        return REFUSED_STORE_FAILED
-    return _INSERT_OUTCOMES.get(result, REFUSED_STORE_FAILED)
-
-
-def resolve(sub: Submission, outcome: Outcome) -> None:
-    """Report one copy's outcome to its submission, on the sender's worker.
-
-    Called on the sender's own worker (the common case with one worker) it runs at once.
-    """
-    worker = sub.conn.worker
-    if worker.on_own_thread():
-        _settle(sub, outcome)
-    else:
-        worker.call_soon(_settle, sub, outcome)
-
-
-def _settle(sub: Submission, outcome: Outcome) -> None:
-    if sub.done:
-        return
-    conn = sub.conn
-    if outcome < 0:
-        sub.done = True
-        code, reason = REFUSALS[outcome]
-        conn.worker.queue_frame(conn, wire.encode(wire.Error(code, sub.msg_id, reason)))
-        return
-    sub.remaining -= 1
-    if outcome < sub.status:
-        sub.status = outcome
-    if sub.remaining == 0:
-        sub.done = True
-        conn.worker.queue_frame(conn, wire.encode_accepted(sub.msg_id, sub.status))

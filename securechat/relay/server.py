@@ -7,7 +7,7 @@ the key, open the store, start the threads.
 Threads: ``--workers`` I/O workers (selector loops, see ``worker.py``; each
 also watches the non-blocking listening socket and accepts into its own
 loop, subject to the admission rules of ``guard.Admission``), one store thread
-(SQLite group commit, see ``store.py``). No thread per connection. The main
+(SQLite group commit, see ``store_thread.py``). No thread per connection. The main
 thread waits for SIGINT/SIGTERM and logs a summary of refused connections.
 
 Shutdown order: stop accepting; each worker sends ``Error(SERVER_SHUTDOWN)``
@@ -36,9 +36,12 @@ from securechat.core.encoding import fingerprint
 from securechat.errors import InUseError, StorageError, TransportError, UsageError
 from securechat.relay import keyfile, limits
 from securechat.relay import store as st
+from securechat.relay.context import RelayContext
 from securechat.relay.limits import LISTEN_BACKLOG, RelayConfig
+from securechat.relay.oserrors import describe, map_exceptions
 from securechat.relay.router import Router
-from securechat.relay.worker import RelayContext, Worker
+from securechat.relay.store_thread import StoreThread
+from securechat.relay.worker import Worker
 
 log = logging.getLogger("securechat.relay")
 
@@ -61,20 +64,16 @@ def bind_listener(host: str, port: int) -> socket.socket:
             hint = " (ports below 1024 need privileges; pick another with --port)"
         elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
             hint = " (no such local address; use --host 0.0.0.0 for every interface)"
-        raise TransportError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
-        ) from None
+        raise TransportError(f"cannot listen on {host}:{port}: {describe(exc)}{hint}") from None
 
 
 def lock_data_dir(directory: Path) -> IO[str]:
     """Hold ``relay.lock`` in the data folder: two relays must never share one store."""
     keyfile.ensure_dir(directory)
     path = directory / LOCK_FILE
-    try:
+    with map_exceptions({OSError: StorageError}, f"cannot create {path}"):
         handle = open(path, "a+")  # noqa: SIM115 (held for the relay's lifetime)
         os.chmod(path, 0o600)
-    except OSError as exc:
-        raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -107,7 +106,7 @@ class Relay:
         self.public = dh.public_key(self.private)
         self.fingerprint = fingerprint(self.public)
         self.router = Router()
-        self.store = st.StoreThread(self._store_db, config, self._new_rows)
+        self.store = StoreThread(self._store_db, config, self._new_rows)
         self._ctx = RelayContext(config, self.router, self.store, self.private)
         self.workers = [Worker(i, self._ctx) for i in range(max(config.workers, 1))]
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
@@ -166,7 +165,7 @@ class Relay:
         for mailbox in mailboxes:
             conn = online.get(mailbox)
             if conn is not None:
-                conn.worker.call_soon(conn.worker.new_rows, conn)
+                conn.loop.call_soon(conn.loop.delivery.new_rows, conn)
 
 
 # --- command line ----------------------------------------------------------------------------

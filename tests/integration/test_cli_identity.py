@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pexpect
 import pytest
 
 from cli_output import error_text
-from conftest import cli_env, run_cli
+from relay_fixture import cli_env, run_cli
 
 
 def _keygen(home: Path, name: str, *extra: str, **env: str) -> None:
@@ -63,39 +64,32 @@ def test_noninteractive_without_passphrase_is_a_clear_error(sc_home: Path) -> No
     assert not (sc_home / "dave.key").exists()
 
 
-def test_tty_prompts_twice_and_mismatch_writes_nothing(sc_home: Path) -> None:
-    env = cli_env(sc_home)
+def _keygen_on_a_tty(home: Path, name: str, first: str, second: str) -> tuple[int, str]:
+    """``keygen NAME`` on a terminal, typing the passphrase twice; (exit status, output)."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "securechat", "keygen", "erin"],
-        env=env,
+        ["-m", "securechat", "keygen", name],
+        env=cli_env(home),
         timeout=30,
         encoding="utf-8",
     )
     child.expect("Passphrase for")
-    child.sendline("one")
+    child.sendline(first)
     child.expect("Repeat passphrase")
-    child.sendline("two")
+    child.sendline(second)
     child.expect(pexpect.EOF)
+    output = child.before or ""
     child.close()
-    assert child.exitstatus == 2
+    return child.exitstatus, output
+
+
+def test_tty_prompts_twice_and_mismatch_writes_nothing(sc_home: Path) -> None:
+    code, output = _keygen_on_a_tty(sc_home, "erin", "one", "two")
+    assert code == 2 and "the two passphrases differ" in output
     assert not (sc_home / "erin.key").exists()
 
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "securechat", "keygen", "erin"],
-        env=env,
-        timeout=30,
-        encoding="utf-8",
-    )
-    child.expect("Passphrase for")
-    child.sendline("same")
-    child.expect("Repeat passphrase")
-    child.sendline("same")
-    child.expect("fingerprint")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    code, output = _keygen_on_a_tty(sc_home, "erin", "same", "same")
+    assert code == 0 and "fingerprint" in output
     res = run_cli(sc_home, "safety-number", "--peer", "erin", "--key", "erin")
     assert res.returncode == 0
 
@@ -192,3 +186,30 @@ def test_unknown_command_is_usage_error(sc_home: Path) -> None:
 def test_python_dash_m_and_console_script_agree(sc_home: Path) -> None:
     res = run_cli(sc_home, "--version")
     assert res.returncode == 0 and "securechat" in res.stdout
+
+
+# Modules a command that needs neither the network nor the store must not pay for at start.
+HEAVY = ("sqlite3", "securechat.relay", "securechat.client.messenger", "prompt_toolkit", "spake2")
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["keygen", "carol", "--no-passphrase"]], ids=str
+)
+def test_help_and_keygen_load_no_relay_store_or_messenger(sc_home: Path, args: list[str]) -> None:
+    """``python -X importtime`` lists every module a command imported (issue 14)."""
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "securechat", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(sc_home),
+        cwd=sc_home.parent,
+    )
+    assert res.returncode == 0, res.stderr
+    loaded = [
+        line.rsplit("|", 1)[1].strip()
+        for line in res.stderr.splitlines()
+        if line.startswith("import time:")
+    ]
+    assert "securechat.cli.dispatch" in loaded  # the listing is real
+    assert not [m for m in loaded if m.startswith(HEAVY)], loaded

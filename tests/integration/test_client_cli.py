@@ -6,21 +6,21 @@ import sqlite3
 from pathlib import Path
 
 from cli_output import error_text
-from relay_fixture import Relay, keygen, run
+from relay_fixture import RelayProcess, keygen, run_cli
 
 
 def _send(
-    home: Path, relay: Relay, key: str, peers: list[str], *texts: str, timeout: str = "15"
+    home: Path, relay: RelayProcess, key: str, peers: list[str], *texts: str, timeout: str = "15"
 ) -> tuple[int, str, str]:
     args = ["send", "--key", key, "--relay", relay.address, "--timeout", timeout]
     for p in peers:
         args += ["--peer", p]
-    res = run(home, *args, input="".join(t + "\n" for t in texts))
+    res = run_cli(home, *args, input="".join(t + "\n" for t in texts))
     return res.returncode, res.stdout, res.stderr
 
 
-def _receive(home: Path, relay: Relay, key: str, *extra: str) -> list[str]:
-    res = run(home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1", *extra)
+def _receive(home: Path, relay: RelayProcess, key: str, *extra: str) -> list[str]:
+    res = run_cli(home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1", *extra)
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
 
@@ -29,17 +29,17 @@ def _one_line(stderr: str) -> str:
     return error_text(stderr)
 
 
-def test_send_then_receive_exactly_once(home: Path, relay: Relay) -> None:
+def test_send_then_receive_exactly_once(home: Path, relay: RelayProcess) -> None:
     rc, _, err = _send(home, relay, "alice", ["bob"], "hello bob", "second line")
     assert rc == 0, err
     assert _receive(home, relay, "bob") == ["alice: hello bob", "alice: second line"]
     assert _receive(home, relay, "bob") == []  # acknowledged: never delivered twice
 
 
-def test_send_dash_m_and_json_receive(home: Path, relay: Relay) -> None:
+def test_send_dash_m_and_json_receive(home: Path, relay: RelayProcess) -> None:
     import json
 
-    res = run(
+    res = run_cli(
         home,
         "send",
         "--key",
@@ -59,7 +59,7 @@ def test_send_dash_m_and_json_receive(home: Path, relay: Relay) -> None:
     assert record["verified"] is True and len(record["id"]) == 32 and record["group"] is None
 
 
-def test_group_of_three_everyone_sees_who_said_what(home: Path, relay: Relay) -> None:
+def test_group_of_three_everyone_sees_who_said_what(home: Path, relay: RelayProcess) -> None:
     assert _send(home, relay, "alice", ["bob", "carol"], "from alice")[0] == 0
     assert _send(home, relay, "bob", ["alice", "carol"], "from bob")[0] == 0
     assert _receive(home, relay, "carol") == ["alice: from alice", "bob: from bob"]
@@ -67,7 +67,7 @@ def test_group_of_three_everyone_sees_who_said_what(home: Path, relay: Relay) ->
     assert _receive(home, relay, "bob") == ["alice: from alice"]
 
 
-def test_conversation_both_ways_keeps_working(home: Path, relay: Relay) -> None:
+def test_conversation_both_ways_keeps_working(home: Path, relay: RelayProcess) -> None:
     for i in range(3):
         assert _send(home, relay, "alice", ["bob"], f"a{i}")[0] == 0
         assert _receive(home, relay, "bob") == [f"alice: a{i}"]
@@ -76,7 +76,7 @@ def test_conversation_both_ways_keeps_working(home: Path, relay: Relay) -> None:
 
 
 def test_send_without_relay_queues_nothing_and_a_rerun_delivers_once(
-    home: Path, relay: Relay
+    home: Path, relay: RelayProcess
 ) -> None:
     relay.stop()
     rc, _, err = _send(
@@ -85,7 +85,7 @@ def test_send_without_relay_queues_nothing_and_a_rerun_delivers_once(
     assert rc == 7
     line = _one_line(err)
     assert "refused the connection" in line and "nothing was sent or queued" in line
-    back = Relay.start(relay.data, relay.port)
+    back = RelayProcess.start(relay.data_dir, port=relay.port)
     try:
         _receive(home, back, "alice")  # a later run of alice's client has nothing to resend
         assert _receive(home, back, "bob") == []
@@ -98,25 +98,25 @@ def test_send_without_relay_queues_nothing_and_a_rerun_delivers_once(
         back.stop()
 
 
-def test_changed_peer_key_refused_until_trusted(home: Path, relay: Relay) -> None:
+def test_changed_peer_key_refused_until_trusted(home: Path, relay: RelayProcess) -> None:
     assert _send(home, relay, "alice", ["bob"], "first")[0] == 0
     keygen(home, "bob", force=True)  # bob's key changes (or someone swapped bob.pub)
     rc, _, err = _send(home, relay, "alice", ["bob"], "second")
     assert rc == 4
     line = _one_line(err)
     assert "CHANGED" in line and "securechat trust bob" in line
-    res = run(home, "trust", "bob", "--key", "alice")
+    res = run_cli(home, "trust", "bob", "--key", "alice")
     assert res.returncode == 0 and "replaced" in res.stdout
     assert _send(home, relay, "alice", ["bob"], "third")[0] == 0
     assert _receive(home, relay, "bob") == ["alice: third"]
 
 
-def test_history_round_trip_and_encrypted_at_rest(home: Path, relay: Relay) -> None:
+def test_history_round_trip_and_encrypted_at_rest(home: Path, relay: RelayProcess) -> None:
     marker = "MARKER-7f3a-history"
     assert _send(home, relay, "alice", ["bob"], marker)[0] == 0
     assert _receive(home, relay, "bob") == [f"alice: {marker}"]
     for key, peer, sender in (("alice", "bob", "alice"), ("bob", "alice", "alice")):
-        res = run(home, "history", "--key", key, "--peer", peer, "-n", "5")
+        res = run_cli(home, "history", "--key", key, "--peer", peer, "-n", "5")
         assert res.returncode == 0, res.stderr
         assert f"] {sender}: {marker}" in res.stdout.strip()
     for db in home.glob("*.state.db*"):
@@ -126,10 +126,12 @@ def test_history_round_trip_and_encrypted_at_rest(home: Path, relay: Relay) -> N
         assert conn.execute("SELECT COUNT(*) FROM history").fetchone()[0] == 1
 
 
-def test_relay_key_change_refused(home: Path, relay: Relay, tmp_path: Path) -> None:
+def test_relay_key_change_refused(home: Path, relay: RelayProcess, tmp_path: Path) -> None:
     assert _send(home, relay, "alice", ["bob"], "pins the relay key")[0] == 0
     relay.stop()
-    impostor = Relay.start(tmp_path / "other-relay", relay.port)  # same address, new key
+    impostor = RelayProcess.start(
+        tmp_path / "other-relay", port=relay.port
+    )  # same address, new key
     try:
         rc, _, err = _send(home, impostor, "alice", ["bob"], "must not go out", timeout="5")
         assert rc == 4
@@ -138,22 +140,22 @@ def test_relay_key_change_refused(home: Path, relay: Relay, tmp_path: Path) -> N
         impostor.stop()
 
 
-def test_relay_unreachable_is_one_line(home: Path, relay: Relay) -> None:
+def test_relay_unreachable_is_one_line(home: Path, relay: RelayProcess) -> None:
     relay.stop()
-    res = run(home, "receive", "--key", "bob", "--relay", relay.address, "--timeout", "1")
+    res = run_cli(home, "receive", "--key", "bob", "--relay", relay.address, "--timeout", "1")
     assert res.returncode == 7
     assert "refused the connection" in _one_line(res.stderr)
 
 
-def test_wrong_passphrase_is_one_line(tmp_path: Path, relay: Relay) -> None:
+def test_wrong_passphrase_is_one_line(tmp_path: Path, relay: RelayProcess) -> None:
     import subprocess
     import sys
 
-    from relay_fixture import env_for
+    from relay_fixture import cli_env
 
     home = tmp_path / "h2"
     keygen(home, "bob")
-    env = env_for(home, SECURECHAT_PASSPHRASE="right")
+    env = cli_env(home, SECURECHAT_PASSPHRASE="right")
     subprocess.run(
         [sys.executable, "-m", "securechat", "keygen", "enc"],
         env=env,
@@ -185,7 +187,7 @@ def test_wrong_passphrase_is_one_line(tmp_path: Path, relay: Relay) -> None:
     assert "wrong passphrase" in _one_line(res.stderr)
 
 
-def test_nothing_to_send_is_usage_error(home: Path, relay: Relay) -> None:
+def test_nothing_to_send_is_usage_error(home: Path, relay: RelayProcess) -> None:
     rc, _, err = _send(home, relay, "alice", ["bob"])
     assert rc == 2
     assert "nothing to send" in _one_line(err)

@@ -15,7 +15,10 @@ from securechat.daemon import rpc
 
 from cli_output import error_text
 from daemon_fixture import Daemon, LineRpc
-from relay_fixture import Relay, cli_cmd, env_for, keygen, run
+from relay_fixture import RelayProcess as Relay
+from relay_fixture import cli_cmd, keygen
+from relay_fixture import cli_env as env_for
+from relay_fixture import run_cli as run
 
 
 @pytest.fixture

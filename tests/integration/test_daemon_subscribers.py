@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from securechat.client.link import KnownRelays
+from securechat.client.relays import KnownRelays
 from securechat.client.store import ClientStore, StoreKeys
 from securechat.core import keys
 from securechat.daemon import rpc, service

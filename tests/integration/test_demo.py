@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import run_cli
+from relay_fixture import run_cli
 
 MESSAGES = (
     "Hi Bob! Is this thing really end-to-end?",

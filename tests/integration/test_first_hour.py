@@ -20,13 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from securechat.client import app, link
+from securechat.client import app, relays
 from securechat.core.encoding import fingerprint
 from securechat.relay import limits
 
 from cli_output import error_text
 from paths import DOCS, REPO
-from relay_fixture import Relay, cli_cmd, env_for, run
+from relay_fixture import RelayProcess, cli_cmd, cli_env, run_cli, spawn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,7 +42,7 @@ def _one_line(stderr: str) -> str:
 
 def _send(
     home: Path,
-    relay: Relay | str,
+    relay: RelayProcess | str,
     *args: str,
     key: str = "alice",
     peer: str = "bob",
@@ -50,7 +50,7 @@ def _send(
     timeout: str = "15",
 ) -> subprocess.CompletedProcess[str]:
     address = relay if isinstance(relay, str) else relay.address
-    return run(
+    return run_cli(
         home,
         "send",
         "--key",
@@ -67,8 +67,8 @@ def _send(
     )
 
 
-def _receive(home: Path, relay: Relay, key: str = "bob") -> list[str]:
-    res = run(home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1")
+def _receive(home: Path, relay: RelayProcess, key: str = "bob") -> list[str]:
+    res = run_cli(home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1")
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
 
@@ -79,22 +79,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _relay_fp(relay: Relay) -> str:
-    return fingerprint(link.read_relay_key_file(relay.public_key_file))
+def _relay_fp(relay: RelayProcess) -> str:
+    return fingerprint(relays.read_relay_key_file(relay.public_key_file))
 
 
 @contextlib.contextmanager
-def _background_talk(home: Path, relay: Relay, key: str, peer: str) -> Iterator[None]:
+def _background_talk(home: Path, relay: RelayProcess, key: str, peer: str) -> Iterator[None]:
     """A pipe-mode talk that stays connected (holds the identity's lock) until the block ends."""
-    proc = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", key, "--peer", peer, "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    proc = spawn(home, "talk", "--key", key, "--peer", peer, "--relay", relay.address)
     try:
         lock = home / f"{key}.state.lock"
         deadline = time.monotonic() + 20
@@ -124,13 +116,13 @@ def _locked(path: Path) -> bool:
 
 
 def test_keygen_force_archives_the_old_state_and_everything_works_at_once(
-    home: Path, relay: Relay
+    home: Path, relay: RelayProcess
 ) -> None:
     assert _send(home, relay).returncode == 0
     assert _receive(home, relay) == ["alice: hello"]  # bob now has state under his old key
     old_state = (home / "bob.state.db").read_bytes()
 
-    res = run(home, "keygen", "bob", "--force", "--no-passphrase")
+    res = run_cli(home, "keygen", "bob", "--force", "--no-passphrase")
     assert res.returncode == 0, res.stderr
     moved = re.search(r"moved the old identity's state .* to (\S+);", res.stdout)
     assert moved, res.stdout
@@ -148,16 +140,16 @@ def test_keygen_force_archives_the_old_state_and_everything_works_at_once(
     assert "(unverified): new key here" in line
     refused = _send(home, relay, text="to the new bob?")
     assert refused.returncode == 4 and "securechat trust bob" in _one_line(refused.stderr)
-    assert run(home, "trust", "bob", "--key", "alice").returncode == 0
+    assert run_cli(home, "trust", "bob", "--key", "alice").returncode == 0
     assert _send(home, relay, text="verified, hi").returncode == 0
     assert _receive(home, relay) == ["alice: verified, hi"]
 
 
-def test_keygen_force_refused_while_a_client_runs(home: Path, relay: Relay) -> None:
+def test_keygen_force_refused_while_a_client_runs(home: Path, relay: RelayProcess) -> None:
     assert _send(home, relay).returncode == 0
     before = (home / "alice.key").read_bytes()
     with _background_talk(home, relay, "alice", "bob"):
-        res = run(home, "keygen", "alice", "--force", "--no-passphrase")
+        res = run_cli(home, "keygen", "alice", "--force", "--no-passphrase")
         assert res.returncode == 2
         error = _one_line(res.stderr)
         assert "is using alice" in error and "hint: stop it first" in error
@@ -169,12 +161,12 @@ def test_keygen_force_refused_while_a_client_runs(home: Path, relay: Relay) -> N
 
 
 def test_changed_relay_key_queues_nothing_then_repin_and_rerun_delivers_once(
-    home: Path, relay: Relay, tmp_path: Path
+    home: Path, relay: RelayProcess, tmp_path: Path
 ) -> None:
     assert _send(home, relay, text="pins the relay").returncode == 0
     old_fp = _relay_fp(relay)
     relay.stop()
-    rebuilt = Relay.start(tmp_path / "rebuilt", relay.port)  # same address, new key
+    rebuilt = RelayProcess.start(tmp_path / "rebuilt", port=relay.port)  # same address, new key
     try:
         new_fp = _relay_fp(rebuilt)
         res = _send(home, rebuilt, text="exactly once")
@@ -185,7 +177,7 @@ def test_changed_relay_key_queues_nothing_then_repin_and_rerun_delivers_once(
 
         # 12.4: re-pin with a command, seeing both fingerprints; another spelling of the
         # address (localhost) is the same relay.
-        res = run(
+        res = run_cli(
             home,
             "trust",
             "--relay",
@@ -207,7 +199,7 @@ def test_changed_relay_key_queues_nothing_then_repin_and_rerun_delivers_once(
 
 def test_a_queued_send_says_so_and_goes_out_once(home: Path, tmp_path: Path) -> None:
     """The relay is reached but does not accept (bob's mailbox is over quota): queued."""
-    relay = Relay.start(tmp_path / "quota-relay", extra=["--quota-frames", "1"])
+    relay = RelayProcess.start(tmp_path / "quota-relay", "--quota-frames", "1")
     try:
         assert _send(home, relay, text="one").returncode == 0
         res = _send(home, relay, text="two", timeout="3")
@@ -227,7 +219,7 @@ def test_a_queued_send_says_so_and_goes_out_once(home: Path, tmp_path: Path) -> 
 
 
 def test_first_use_pin_is_one_line_and_localhost_is_the_same_relay(
-    home: Path, relay: Relay
+    home: Path, relay: RelayProcess
 ) -> None:
     first = _send(home, relay)
     assert first.returncode == 0, first.stderr
@@ -243,12 +235,12 @@ def test_first_use_pin_is_one_line_and_localhost_is_the_same_relay(
 
 
 def test_relay_key_flag_pins_and_replaces_as_documented(
-    home: Path, relay: Relay, tmp_path: Path
+    home: Path, relay: RelayProcess, tmp_path: Path
 ) -> None:
     assert _send(home, relay, "--relay-key", str(relay.public_key_file)).returncode == 0
     old_fp = _relay_fp(relay)
     relay.stop()
-    rebuilt = Relay.start(tmp_path / "rebuilt", relay.port)
+    rebuilt = RelayProcess.start(tmp_path / "rebuilt", port=relay.port)
     try:
         wrong = _send(home, rebuilt, "--relay-key", str(relay.public_key_file))
         assert wrong.returncode == 4 and "from --relay-key" in _one_line(wrong.stderr)
@@ -264,20 +256,20 @@ def test_relay_key_flag_pins_and_replaces_as_documented(
 
 
 def test_trust_relay_usage(home: Path) -> None:
-    res = run(home, "trust", "--relay", "127.0.0.1:5050")
+    res = run_cli(home, "trust", "--relay", "127.0.0.1:5050")
     assert res.returncode == 2 and "--relay-key" in _one_line(res.stderr)
-    res = run(home, "trust")
+    res = run_cli(home, "trust")
     assert res.returncode == 2 and "PEER" in _one_line(res.stderr)
 
 
 def test_addresses_and_default_port() -> None:
-    assert link.DEFAULT_PORT == limits.DEFAULT_PORT
-    assert link.parse_address("localhost") == ("localhost", link.DEFAULT_PORT)
-    assert app.relay_address("localhost") == f"localhost:{link.DEFAULT_PORT}"
-    assert link.parse_address("[::1]:6000") == ("::1", 6000)
-    assert link.parse_address("::1") == ("::1", link.DEFAULT_PORT)
+    assert relays.DEFAULT_PORT == limits.DEFAULT_PORT
+    assert relays.parse_address("localhost") == ("localhost", relays.DEFAULT_PORT)
+    assert app.relay_address("localhost") == f"localhost:{relays.DEFAULT_PORT}"
+    assert relays.parse_address("[::1]:6000") == ("::1", 6000)
+    assert relays.parse_address("::1") == ("::1", relays.DEFAULT_PORT)
     same = {
-        link.canonical_address(a)
+        relays.canonical_address(a)
         for a in (
             "localhost:5050",
             "127.0.0.1:5050",
@@ -287,18 +279,18 @@ def test_addresses_and_default_port() -> None:
         )
     }
     assert same == {"127.0.0.1:5050"}
-    assert link.canonical_address("Relay.Example.org.:7000") == "relay.example.org:7000"
-    assert link.canonical_address("[0:0::1]:1") == "[::1]:1"
+    assert relays.canonical_address("Relay.Example.org.:7000") == "relay.example.org:7000"
+    assert relays.canonical_address("[0:0::1]:1") == "[::1]:1"
     for bad in ("host:", "host:port", "host:0", "host:70000", "[::1", "a b:1", ""):
         with pytest.raises(Exception, match="bad relay address"):
-            link.parse_address(bad)
+            relays.parse_address(bad)
 
 
 # --- 12.5 --peer from any folder ---------------------------------------------------------------
 
 
 def test_peer_by_name_or_file_name_from_any_folder(
-    home: Path, relay: Relay, tmp_path: Path
+    home: Path, relay: RelayProcess, tmp_path: Path
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "bob").mkdir(parents=True)  # a directory named like the peer
@@ -309,7 +301,7 @@ def test_peer_by_name_or_file_name_from_any_folder(
             capture_output=True,
             text=True,
             timeout=30,
-            env=env_for(home),
+            env=cli_env(home),
             cwd=elsewhere,
         )
 
@@ -428,39 +420,39 @@ def test_an_http_server_is_not_a_relay(home: Path) -> None:
 # --- 12.8 history while talk runs -------------------------------------------------------------
 
 
-def test_history_works_while_talk_runs(home: Path, relay: Relay) -> None:
+def test_history_works_while_talk_runs(home: Path, relay: RelayProcess) -> None:
     assert _send(home, relay, text="read me while bob talks").returncode == 0
     with _background_talk(home, relay, "bob", "alice"):
         deadline = time.monotonic() + 20
-        res = run(home, "history", "--key", "bob", "--peer", "alice")
+        res = run_cli(home, "history", "--key", "bob", "--peer", "alice")
         while "read me" not in res.stdout and time.monotonic() < deadline:
             time.sleep(0.2)
-            res = run(home, "history", "--key", "bob", "--peer", "alice")
+            res = run_cli(home, "history", "--key", "bob", "--peer", "alice")
         assert res.returncode == 0, res.stderr
         assert "alice: read me while bob talks" in res.stdout
 
 
-def test_history_json_and_multi_line_text(home: Path, relay: Relay) -> None:
+def test_history_json_and_multi_line_text(home: Path, relay: RelayProcess) -> None:
     assert _send(home, relay, text="first line\nsecond line").returncode == 0
     assert _receive(home, relay) == ["alice: first line\\nsecond line"]  # one line per message
-    res = run(home, "history", "--key", "alice", "--peer", "bob", "--json")
+    res = run_cli(home, "history", "--key", "alice", "--peer", "bob", "--json")
     assert res.returncode == 0, res.stderr
     (record,) = [json.loads(line) for line in res.stdout.splitlines()]
     assert record["text"] == "first line\nsecond line" and record["outgoing"] is True
     assert record["sender"] == "alice" and record["status"] in ("accepted", "delivered")
     assert len(record["id"]) == 32 and record["time"][:4].isdigit()
-    res = run(home, "history", "--key", "bob", "--peer", "alice")
+    res = run_cli(home, "history", "--key", "bob", "--peer", "alice")
     first, second = res.stdout.splitlines()
     assert first.endswith("alice: first line")
     assert second.strip() == "second line" and second.index("second") == first.index("first")
-    fresh = run(home, "history", "--key", "carol", "--peer", "alice", "--json")
+    fresh = run_cli(home, "history", "--key", "carol", "--peer", "alice", "--json")
     assert fresh.returncode == 0 and fresh.stdout == ""  # no state yet: no history
 
 
-def test_history_never_prints_terminal_controls(home: Path, relay: Relay) -> None:
+def test_history_never_prints_terminal_controls(home: Path, relay: RelayProcess) -> None:
     assert _send(home, relay, text="\x1b[2J\x1b]0;pwned\x07 \u202eevil").returncode == 0
     _receive(home, relay)
-    res = run(home, "history", "--key", "bob", "--peer", "alice")
+    res = run_cli(home, "history", "--key", "bob", "--peer", "alice")
     assert "\x1b" not in res.stdout and "\u202e" not in res.stdout and "\x07" not in res.stdout
 
 
@@ -484,7 +476,7 @@ def run_env(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[s
         capture_output=True,
         text=True,
         timeout=60,
-        env=env_for(home, **env),
+        env=cli_env(home, **env),
         cwd=home.parent,
     )
 
@@ -512,7 +504,7 @@ def test_user_mistakes_have_their_documented_exit_code(
     address is a closed port: a mistake must be caught before any connection)."""
     if "--relay" not in args:
         args = [*args, "--relay", f"127.0.0.1:{_free_port()}"] if args[0] != "history" else args
-    res = run(home, *args[:1], "--key", "alice", *args[1:], input=stdin)
+    res = run_cli(home, *args[:1], "--key", "alice", *args[1:], input=stdin)
     assert res.returncode == code, res.stderr
     assert needle in _one_line(res.stderr)
 
@@ -541,17 +533,9 @@ def _core_limit(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs /proc")
-def test_processes_holding_keys_never_dump_core(home: Path, relay: Relay) -> None:
+def test_processes_holding_keys_never_dump_core(home: Path, relay: RelayProcess) -> None:
     assert _core_limit(relay.proc.pid) == "0"
-    talk = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    talk = spawn(home, "talk", "--key", "alice", "--peer", "bob", "--relay", relay.address)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not _locked(home / "alice.state.lock"):

@@ -23,7 +23,8 @@ from securechat.client.events import STATUS_DELIVERED, Event, StatusEvent
 from securechat.core import keys, wire
 from securechat.errors import ConnectionClosedError
 
-from relayclient import RelayClient, RelayProcess
+from relay_fixture import RelayProcess
+from relayclient import RelayClient
 
 TIMEOUT_S = 10.0
 

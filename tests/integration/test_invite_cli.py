@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from securechat.core import wire
-from securechat.core.encoding import decode_token
+from securechat.core.invite import session as invite
 from securechat.core.invite import words
+from spake2 import SPAKE2_Symmetric
 
 from cli_output import error_text
-from conftest import run_cli
 from invite_fakerelay import TamperingRelay
-from relay_fixture import Relay, cli_cmd, env_for, keygen
+from relay_fixture import RelayProcess, keygen, run_cli, spawn
 from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,15 +46,7 @@ class Inviter:
 
 
 def start_invite(home: Path, relay: str, *extra: str) -> Inviter:
-    proc = subprocess.Popen(
-        [*cli_cmd(), "invite", "--relay", relay, *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    proc = spawn(home, "invite", "--relay", relay, *extra, stdin=subprocess.DEVNULL)
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
@@ -77,8 +69,8 @@ def homes(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def fast_ttl_relay(tmp_path: Path) -> Iterator[Relay]:
-    server = Relay.start(tmp_path / "relay-ttl", extra=["--invite-ttl", "2"])
+def fast_ttl_relay(tmp_path: Path) -> Iterator[RelayProcess]:
+    server = RelayProcess.start(tmp_path / "relay-ttl", "--invite-ttl", "2")
     yield server
     server.stop()
 
@@ -88,7 +80,7 @@ def public_line(home: Path, name: str) -> str:
 
 
 def test_right_code_both_trust_each_other_and_talk_at_once(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
@@ -108,7 +100,7 @@ def test_right_code_both_trust_each_other_and_talk_at_once(
 
 
 def test_a_wrong_code_fails_clearly_on_both_sides_and_records_nothing(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
@@ -127,7 +119,7 @@ def test_a_wrong_code_fails_clearly_on_both_sides_and_records_nothing(
     assert "no open invite" in again.stderr
 
 
-def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: Relay) -> None:
+def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: RelayProcess) -> None:
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
     assert run_cli(bob, "accept", inviter.code, "--relay", relay.address).returncode == 0
@@ -136,24 +128,35 @@ def test_a_reused_code_is_refused(homes: tuple[Path, Path], relay: Relay) -> Non
     assert again.returncode == EXIT_RELAY and "no open invite" in again.stderr
 
 
+def mallory(relay: RelayProcess) -> RelayClient:
+    """A throwaway identity from another network, connected to ``relay``."""
+    return relay.connect(new_identity()[0], source="127.80.0.1")
+
+
+def wrong_guess(plate: int) -> wire.InviteData:
+    """A PAKE message for a wrong code: a well-formed element, so the inviter derives a key.
+
+    (Random bytes as the element were rejected at once ~15/16 of the time and, when they
+    happened to decode, left the inviter waiting for a line: a flaky test.)"""
+    guess = SPAKE2_Symmetric(b"wrong-guess", idSymmetric=invite.SPAKE2_ID).start()
+    return wire.InviteData(plate, bytes([invite.VERSION, invite.KIND_PAKE]) + guess)
+
+
 def test_someone_joining_first_burns_the_invite_visibly(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     """An eavesdropper who guesses the number joins first: the inviter sees a wrong code,
     the real accepter sees that the invite was already used, nobody records anything."""
     alice, bob = homes
     inviter = start_invite(alice, relay.address)
     plate = int(inviter.code.split("-")[0])
-    relay_key = decode_token(relay.public_key_file.read_text().strip(), "screlay1", 32)
-    host, port = relay.address.rsplit(":", 1)
-    with RelayClient.connect(
-        host, int(port), new_identity()[0], relay_key, source="127.80.0.1"
-    ) as mallory:
-        mallory.send_frames([wire.InviteJoin(plate), wire.Ping(1)])
-        mallory.recv_until(lambda f: isinstance(f, wire.Pong))  # the join is in
+    with mallory(relay) as eve:
+        eve.send_frames([wire.InviteJoin(plate), wire.Ping(1)])
+        eve.recv_until(lambda f: isinstance(f, wire.Pong))  # the join is in
         accepted = run_cli(bob, "accept", inviter.code, "--relay", relay.address)
-        guess = b"\x01\x01S" + os.urandom(32)  # (a random point: its guess of the code)
-        mallory.send_frame(wire.InviteData(plate, guess))
+        line = bytes([invite.VERSION, invite.KIND_IDENTITY])  # a line it cannot seal
+        line += os.urandom(invite.IDENTITY_PAYLOAD_SIZE - len(line))
+        eve.send_frames([wrong_guess(plate), wire.InviteData(plate, line)])
         code, _, err = inviter.finish()
     assert accepted.returncode == EXIT_RELAY and "already used" in accepted.stderr
     assert code == EXIT_AUTH and "wrong code, or someone tampered" in err
@@ -161,7 +164,22 @@ def test_someone_joining_first_burns_the_invite_visibly(
     assert not (alice / "bob.pub").exists() and not (bob / "alice.pub").exists()
 
 
-def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: Relay) -> None:
+def test_a_joiner_who_never_proves_the_code_is_named_at_the_timeout(
+    homes: tuple[Path, Path], relay: RelayProcess
+) -> None:
+    """Someone joins with a well-formed guess and goes silent: the inviter's time-out says
+    that someone joined and failed to prove the code, not that nobody came."""
+    inviter = start_invite(homes[0], relay.address, "--timeout", "2")
+    plate = int(inviter.code.split("-")[0])
+    with mallory(relay) as eve:
+        eve.send_frames([wire.InviteJoin(plate), wrong_guess(plate)])
+        code, _, err = inviter.finish()
+    assert code == EXIT_TIMEOUT
+    assert "never proved the code" in err and "nobody accepted" not in err
+    assert not (homes[0] / "bob.pub").exists()
+
+
+def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: RelayProcess) -> None:
     alice, bob = homes
     inviter = start_invite(alice, fast_ttl_relay.address)
     code, _, err = inviter.finish()
@@ -170,7 +188,7 @@ def test_an_expired_code(homes: tuple[Path, Path], fast_ttl_relay: Relay) -> Non
     assert late.returncode == EXIT_RELAY and "no open invite" in late.stderr
 
 
-def test_nobody_accepts_within_the_timeout(homes: tuple[Path, Path], relay: Relay) -> None:
+def test_nobody_accepts_within_the_timeout(homes: tuple[Path, Path], relay: RelayProcess) -> None:
     t0 = time.monotonic()
     inviter = start_invite(homes[0], relay.address, "--timeout", "1")
     code, _, err = inviter.finish()
@@ -231,7 +249,7 @@ def test_an_honest_double_passes(homes: tuple[Path, Path]) -> None:
 
 
 def test_a_name_already_taken_is_refused_then_as_picks_another(
-    homes: tuple[Path, Path], relay: Relay
+    homes: tuple[Path, Path], relay: RelayProcess
 ) -> None:
     alice, bob = homes
     keygen(bob.parent / "other", "alice")  # another "alice" bob knew before

@@ -18,7 +18,8 @@ from securechat.relay.guard import Budgets
 from securechat.relay.limits import INVITE_MESSAGES_PER_PARTY, RelayConfig
 from securechat.relay.rendezvous import Rendezvous
 
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(90)
 

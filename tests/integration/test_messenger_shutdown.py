@@ -12,7 +12,7 @@ from securechat.client.app import open_client
 from securechat.client.events import Event, MessageEvent
 from securechat.core import keys, wire
 
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess
 
 
 @pytest.fixture
@@ -64,8 +64,8 @@ def test_a_replaced_connection_stops_instead_of_fighting_back(
     """The relay says REPLACED before closing the older connection of an identity (13.10):
     that client stops with a clear error instead of reconnecting and replacing the newer."""
     from securechat.client.events import NoticeEvent
-    from securechat.client.link import KnownRelays
     from securechat.client.messenger import Messenger
+    from securechat.client.relays import KnownRelays
     from securechat.client.store import ClientStore, StoreKeys
     from securechat.errors import InUseError
 

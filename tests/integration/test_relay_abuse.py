@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 from securechat.core import wire
-from securechat.relay.store import KNOWN_FLUSH_S
+from securechat.relay.store_thread import KNOWN_FLUSH_S
 
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,7 +10,8 @@ import pytest
 from securechat.core import wire
 from securechat.errors import ConnectionClosedError
 
-from relayclient import RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import new_identity
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from securechat.core import wire
 
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(60)
 

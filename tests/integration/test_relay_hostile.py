@@ -14,7 +14,8 @@ import pytest
 from securechat.core import wire
 from securechat.errors import SecureChatError
 
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,8 @@ from securechat.core import wire
 from securechat.core.encoding import fingerprint
 from securechat.errors import ConnectionClosedError
 
-from relayclient import RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import new_identity
 
 pytestmark = pytest.mark.timeout(60)
 

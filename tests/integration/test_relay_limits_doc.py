@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from securechat.core import noise, wire
-from securechat.relay import handlers, limits
+from securechat.relay import delivery, limits
 from securechat.relay.limits import RelayConfig
 from securechat.relay.server import _LIMIT_FLAGS
 
@@ -61,7 +61,7 @@ def test_fixed_relay_constants_in_protocol_3_6() -> None:
     for name, value in rows.items():
         code = getattr(limits, name, None)
         if code is None:
-            code = getattr(handlers, name)
+            code = getattr(delivery, name)
         assert float(code) == value, (name, value, code)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess
 
 pytestmark = pytest.mark.timeout(60)
 from paths import REPO  # noqa: E402

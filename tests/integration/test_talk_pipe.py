@@ -13,7 +13,7 @@ from securechat.errors import DeliveryTimeoutError, PeerKeyChangedError
 from securechat.ui import format as fmt
 
 from cli_output import error_text
-from relay_fixture import Relay, cli_cmd, env_for, keygen, run, talk
+from relay_fixture import RelayProcess, keygen, run_cli, spawn, talk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,7 +23,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> list[str]:
     return result.stdout.splitlines()
 
 
-def test_lines_arrive_once_each_in_order(home: Path, relay: Relay) -> None:
+def test_lines_arrive_once_each_in_order(home: Path, relay: RelayProcess) -> None:
     sent = ["hello bob", "  spaces kept  ", "ünïcode ✓ 🙂", "/not a command in pipe mode"]
     assert ok(talk(home, "alice", ["bob"], relay, [*sent, ""])) == []
     received = ok(talk(home, "bob", ["alice"], relay))
@@ -32,16 +32,8 @@ def test_lines_arrive_once_each_in_order(home: Path, relay: Relay) -> None:
     assert ok(talk(home, "bob", ["alice"], relay)) == []
 
 
-def test_live_receiver_prints_while_sender_writes(home: Path, relay: Relay) -> None:
-    bob = subprocess.Popen(
-        [*cli_cmd(), "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+def test_live_receiver_prints_while_sender_writes(home: Path, relay: RelayProcess) -> None:
+    bob = spawn(home, "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address)
     try:
         assert bob.stdout is not None and bob.stdin is not None
         ok(talk(home, "alice", ["bob"], relay, ["are you there?"]))
@@ -56,7 +48,7 @@ def test_live_receiver_prints_while_sender_writes(home: Path, relay: Relay) -> N
     assert ok(talk(home, "alice", ["bob"], relay)) == ["bob: yes"]
 
 
-def test_json_lines(home: Path, relay: Relay) -> None:
+def test_json_lines(home: Path, relay: RelayProcess) -> None:
     ok(talk(home, "alice", ["bob"], relay, ['quote " and \\ and \x1b[2J']))
     lines = ok(talk(home, "bob", ["alice"], relay, extra=["--json"]))
     assert len(lines) == 1
@@ -68,18 +60,18 @@ def test_json_lines(home: Path, relay: Relay) -> None:
     assert record["group"] is None
     assert datetime.fromisoformat(record["time"]).tzinfo is not None
     assert len(bytes.fromhex(record["id"])) == 16
-    fp = run(home, "fingerprint", "alice").stdout.split()[0]
+    fp = run_cli(home, "fingerprint", "alice").stdout.split()[0]
     assert record["fingerprint"] == fp
 
 
-def test_terminal_escapes_are_neutralised(home: Path, relay: Relay) -> None:
+def test_terminal_escapes_are_neutralised(home: Path, relay: RelayProcess) -> None:
     ok(talk(home, "alice", ["bob"], relay, ["evil \x1b[2J\x07 \u202egnp.exe"]))
     (line,) = ok(talk(home, "bob", ["alice"], relay))
     assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
     assert line == "alice: evil \\u001b[2J\\u0007 \\u202egnp.exe"
 
 
-def test_group_of_three_everyone_sees_who_said_what(home: Path, relay: Relay) -> None:
+def test_group_of_three_everyone_sees_who_said_what(home: Path, relay: RelayProcess) -> None:
     people = ["alice", "bob", "carol"]
     seen: dict[str, list[str]] = {name: [] for name in people}
     groups: set[str] = set()
@@ -108,17 +100,21 @@ def test_group_of_three_everyone_sees_who_said_what(home: Path, relay: Relay) ->
     assert group.startswith("group-")
 
 
-def test_unknown_sender_is_shown_unverified(home: Path, relay: Relay, tmp_path: Path) -> None:
+def test_unknown_sender_is_shown_unverified(
+    home: Path, relay: RelayProcess, tmp_path: Path
+) -> None:
     elsewhere = tmp_path / "mallory-home"  # bob has no .pub for this sender
     keygen(elsewhere, "mallory")
     ok(talk(elsewhere, "mallory", [str(home / "bob.pub")], relay, ["hi, trust me"]))
     (line,) = ok(talk(home, "bob", ["alice"], relay))
-    fp = run(elsewhere, "fingerprint", "mallory").stdout.split()[0]
+    fp = run_cli(elsewhere, "fingerprint", "mallory").stdout.split()[0]
     # The E2E layer carries keys, not names: an unknown sender has no name to show.
     assert line == f"unknown [{fp}] (unverified): hi, trust me"
 
 
-def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay: Relay) -> None:
+def test_relay_down_at_start_reads_nothing_and_queues_nothing(
+    home: Path, relay: RelayProcess
+) -> None:
     ok(talk(home, "alice", ["bob"], relay, ["first, relay up"]))
     relay.stop()
     result = talk(home, "alice", ["bob"], relay, ["sent while relay down"])
@@ -133,28 +129,12 @@ def test_relay_down_at_start_reads_nothing_and_queues_nothing(home: Path, relay:
         restarted.stop()
 
 
-def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay: Relay) -> None:
+def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(
+    home: Path, relay: RelayProcess
+) -> None:
     """Connected, then the relay goes: later lines are queued, said so, and sent once."""
-    alice = subprocess.Popen(
-        [
-            *cli_cmd(),
-            "talk",
-            "--key",
-            "alice",
-            "--peer",
-            "bob",
-            "--relay",
-            relay.address,
-            "--timeout",
-            "1.5",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_for(home),
-        cwd=home.parent,
-    )
+    talk_args = ["--key", "alice", "--peer", "bob", "--relay", relay.address, "--timeout", "1.5"]
+    alice = spawn(home, "talk", *talk_args)
     try:
         assert alice.stdin is not None
         alice.stdin.write("first, relay up\n")
@@ -192,14 +172,14 @@ def test_relay_lost_mid_session_keeps_outbox_and_delivers_once(home: Path, relay
 
 def _history_marks(home: Path) -> list[str]:
     """The marks of alice's messages to bob, read while her talk runs (history is read-only)."""
-    res = run(home, "history", "--key", "alice", "--peer", "bob", "--json")
+    res = run_cli(home, "history", "--key", "alice", "--peer", "bob", "--json")
     if res.returncode != 0:
         return []
     marks = {"pending": "…", "accepted": "✓", "delivered": "✓✓"}
     return [marks[json.loads(line)["status"]] for line in res.stdout.splitlines()]
 
 
-def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
+def test_changed_peer_key_is_refused(home: Path, relay: RelayProcess) -> None:
     ok(talk(home, "alice", ["bob"], relay, ["before"]))
     keygen(home, "bob", force=True)
     result = talk(home, "alice", ["bob"], relay, ["must not be sent"])
@@ -219,7 +199,7 @@ def test_changed_peer_key_is_refused(home: Path, relay: Relay) -> None:
     ],
 )
 def test_usage_errors_are_one_line(home: Path, args: list[str], needle: str) -> None:
-    result = run(home, "talk", "--key", "alice", "--peer", "bob", *args)
+    result = run_cli(home, "talk", "--key", "alice", "--peer", "bob", *args)
     assert result.returncode != 0
     assert needle in error_text(result.stderr, alone=True)
 

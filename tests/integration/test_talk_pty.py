@@ -17,7 +17,7 @@ import pexpect
 import pyte
 import pytest
 
-from relay_fixture import Relay, cli_cmd, env_for, keygen, run, talk
+from relay_fixture import RelayProcess, cli_cmd, cli_env, keygen, run_cli, talk
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,7 +59,7 @@ class Term:
         self.child = pexpect.spawn(
             cmd[0],
             [*cmd[1:], *args],
-            env=env_for(home, TERM="xterm", **env),
+            env=cli_env(home, TERM="xterm", **env),
             dimensions=(ROWS, COLS),
             cwd=str(home.parent),
         )
@@ -111,7 +111,7 @@ class Term:
 
 
 @pytest.fixture
-def open_talk(home: Path, relay: Relay) -> Iterator[Callable[..., Term]]:
+def open_talk(home: Path, relay: RelayProcess) -> Iterator[Callable[..., Term]]:
     terms: list[Term] = []
 
     def start(key: str = "alice", *peers: str, screen: type[pyte.Screen] = pyte.Screen) -> Term:
@@ -134,7 +134,7 @@ def ok(result: object) -> list[str]:
 
 
 def test_message_echoed_with_marks_that_update(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     alice.type("hello bob\r")
@@ -146,7 +146,7 @@ def test_message_echoed_with_marks_that_update(
 
 
 def test_incoming_message_leaves_the_input_line_intact(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     alice.type("a half-typed draft")
@@ -162,7 +162,7 @@ def test_incoming_message_leaves_the_input_line_intact(
     assert alice.exit_code() == 0
 
 
-def test_commands(home: Path, relay: Relay, open_talk: Callable[..., Term]) -> None:
+def test_commands(home: Path, relay: RelayProcess, open_talk: Callable[..., Term]) -> None:
     alice = open_talk()
     alice.type("/help\r")
     # The help is several lines: wait for all of them, a slow machine can catch it half drawn.
@@ -170,14 +170,16 @@ def test_commands(home: Path, relay: Relay, open_talk: Callable[..., Term]) -> N
 
     alice.type("/verify\r")
     screen = alice.wait(lambda s: SAFETY.search(s))
-    expected = run(home, "safety-number", "--key", "alice", "--peer", "bob").stdout.splitlines()[1]
+    expected = run_cli(
+        home, "safety-number", "--key", "alice", "--peer", "bob"
+    ).stdout.splitlines()[1]
     assert f"safety number with bob: {expected}" in screen
 
-    bob_fp = run(home, "fingerprint", "bob").stdout.split()[0]
+    bob_fp = run_cli(home, "fingerprint", "bob").stdout.split()[0]
     alice.type("/peers\r")
     alice.wait(lambda s: re.search(rf"bob\s+{bob_fp}\s+(online|offline|presence unknown)", s))
 
-    alice_fp = run(home, "fingerprint", "alice").stdout.split()[0]
+    alice_fp = run_cli(home, "fingerprint", "alice").stdout.split()[0]
     alice.type("/fingerprint\r")
     alice.wait(f"your fingerprint (alice): {alice_fp}")
 
@@ -187,7 +189,9 @@ def test_commands(home: Path, relay: Relay, open_talk: Callable[..., Term]) -> N
     assert alice.exit_code() == 0
 
 
-def test_history_and_presence(home: Path, relay: Relay, open_talk: Callable[..., Term]) -> None:
+def test_history_and_presence(
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
+) -> None:
     ok(talk(home, "alice", ["bob"], relay, ["from an earlier session"]))
     ok(talk(home, "bob", ["alice"], relay, ["earlier reply"]))
     assert ok(talk(home, "alice", ["bob"], relay)) == ["bob: earlier reply"]  # now in history
@@ -207,7 +211,7 @@ def test_history_and_presence(home: Path, relay: Relay, open_talk: Callable[...,
 
 
 def test_changed_key_is_refused_until_trusted(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     ok(talk(home, "alice", ["bob"], relay, ["before the change"]))
     keygen(home, "bob", force=True)
@@ -226,7 +230,7 @@ def test_changed_key_is_refused_until_trusted(
 
 
 def test_offline_messages_wait_in_the_outbox(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     relay.stop()
@@ -249,7 +253,7 @@ def test_offline_messages_wait_in_the_outbox(
 
 
 def test_reconnects_and_sends_when_the_relay_returns(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     relay.stop()
@@ -272,16 +276,18 @@ def test_reconnects_and_sends_when_the_relay_returns(
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 
 
-def _receive_json(home: Path, relay: Relay, key: str = "bob") -> list[dict[str, object]]:
+def _receive_json(home: Path, relay: RelayProcess, key: str = "bob") -> list[dict[str, object]]:
     import json
 
-    res = run(home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1", "--json")
+    res = run_cli(
+        home, "receive", "--key", key, "--relay", relay.address, "--timeout", "1", "--json"
+    )
     assert res.returncode == 0, res.stderr
     return [json.loads(line) for line in res.stdout.splitlines()]
 
 
 def test_pasted_lines_are_shown_and_sent_as_one_message(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     alice.type(f"{PASTE_START}first pasted line\nsecond pasted line{PASTE_END}")
@@ -301,7 +307,7 @@ def test_pasted_lines_are_shown_and_sent_as_one_message(
 
 
 def test_paste_over_the_limit_is_refused_and_kept_in_the_input(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     alice.type("my own words ")
@@ -318,7 +324,7 @@ def test_paste_over_the_limit_is_refused_and_kept_in_the_input(
 
 
 def test_zwj_emoji_leaves_no_stale_mark(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk(screen=JoiningScreen)
     family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
@@ -332,7 +338,7 @@ def test_zwj_emoji_leaves_no_stale_mark(
     assert alice.exit_code() == 0
 
 
-def test_offline_status_line_says_why_in_full_words(home: Path, relay: Relay) -> None:
+def test_offline_status_line_says_why_in_full_words(home: Path, relay: RelayProcess) -> None:
     relay.stop()
     term = Term(home, ["talk", "--key", "alice", "--peer", "bob", "--relay", relay.address])
     try:
@@ -347,7 +353,7 @@ def test_offline_status_line_says_why_in_full_words(home: Path, relay: Relay) ->
 
 
 def test_exit_leaves_the_conversation_on_the_terminal(
-    home: Path, relay: Relay, open_talk: Callable[..., Term]
+    home: Path, relay: RelayProcess, open_talk: Callable[..., Term]
 ) -> None:
     alice = open_talk()
     alice.type("words worth keeping\r")
@@ -359,8 +365,8 @@ def test_exit_leaves_the_conversation_on_the_terminal(
     assert re.search(r"\d\d:\d\d alice: words worth keeping  ✓", after)
 
 
-def test_three_passphrase_tries_on_a_terminal(home: Path, relay: Relay) -> None:
-    env = env_for(home, SECURECHAT_PASSPHRASE="right one")
+def test_three_passphrase_tries_on_a_terminal(home: Path, relay: RelayProcess) -> None:
+    env = cli_env(home, SECURECHAT_PASSPHRASE="right one")
     made = subprocess.run(
         [*cli_cmd(), "keygen", "enc"],
         env=env,
@@ -396,10 +402,10 @@ def test_three_passphrase_tries_on_a_terminal(home: Path, relay: Relay) -> None:
 
 
 def test_changed_relay_key_queues_nothing_on_the_screen(
-    home: Path, relay: Relay, tmp_path: Path
+    home: Path, relay: RelayProcess, tmp_path: Path
 ) -> None:
     assert (
-        run(
+        run_cli(
             home,
             "send",
             "--key",
@@ -414,7 +420,7 @@ def test_changed_relay_key_queues_nothing_on_the_screen(
         == 0
     )
     relay.stop()
-    impostor = Relay.start(tmp_path / "impostor", relay.port)
+    impostor = RelayProcess.start(tmp_path / "impostor", port=relay.port)
     term = Term(home, ["talk", "--key", "alice", "--peer", "bob", "--relay", relay.address])
     try:
         term.wait("RELAY KEY CHANGED, not retrying")

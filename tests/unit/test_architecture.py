@@ -179,27 +179,10 @@ def _cycles() -> Iterator[list[str]]:
             yield from visit(module)
 
 
-# Cycles that exist today and are being removed (issue 14): this list only shrinks.
-KNOWN_CYCLES: list[list[str]] = [
-    [
-        "securechat.relay.handlers",
-        "securechat.relay.rendezvous",
-        "securechat.relay.router",
-        "securechat.relay.worker",
-    ],
-]
-
-
-def test_no_new_import_cycle() -> None:
-    found = [c for c in _cycles() if not any(set(c) <= set(k) for k in KNOWN_CYCLES)]
+def test_no_import_cycle() -> None:
+    """No import cycle anywhere in the package: a cycle hides which layer depends on which."""
+    found = list(_cycles())
     assert not found, f"import cycles: {found}"
-
-
-def test_the_known_cycles_are_still_there() -> None:
-    """When a known cycle is gone, take it off the list (so it cannot come back)."""
-    live = list(_cycles())
-    for known in KNOWN_CYCLES:
-        assert any(set(c) & set(known) for c in live), f"{known} is gone: remove it from the list"
 
 
 def test_a_cycle_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -203,6 +203,14 @@ def pair(make: object, relay: MemoryRelay) -> tuple[Party, Party]:
     return alice, bob
 
 
+@pytest.fixture
+def trio(pair: tuple[Party, Party], make: object, relay: MemoryRelay) -> tuple[Party, ...]:
+    """alice, bob and carol online, all with prekeys published."""
+    carol = make("carol")  # type: ignore[operator]
+    relay.connect(carol)
+    return (*pair, carol)
+
+
 # --- sending and receiving ----------------------------------------------------------------------
 
 
@@ -315,11 +323,9 @@ def test_a_changed_key_is_refused_before_anything_is_stored(
 
 
 def test_a_group_message_is_delivered_once_every_member_confirmed(
-    make: object, relay: MemoryRelay
+    trio: tuple[Party, ...], relay: MemoryRelay
 ) -> None:
-    alice, bob, carol = (make(n) for n in ("alice", "bob", "carol"))  # type: ignore[operator]
-    for p in (alice, bob, carol):
-        relay.connect(p)
+    alice, bob, carol = trio
     relay.disconnect(carol)
     msg_id = _send(relay, alice, _conv(alice, bob, carol), "hello group")
     assert bob.texts() == ["hello group"]
@@ -409,11 +415,9 @@ def test_a_bundle_nobody_asked_for_is_ignored(
 
 
 def test_a_conversation_keeps_its_order_and_does_not_block_another(
-    make: object, relay: MemoryRelay
+    trio: tuple[Party, ...], relay: MemoryRelay
 ) -> None:
-    alice, bob, carol = (make(n) for n in ("alice", "bob", "carol"))  # type: ignore[operator]
-    for p in (alice, bob, carol):
-        relay.connect(p)
+    alice, bob, carol = trio
     relay.silent.add(bob.public.dh)
     _send(relay, alice, _conv(alice, bob), "bob 1")
     _send(relay, alice, _conv(alice, bob), "bob 2")  # behind bob 1, silently
@@ -481,12 +485,10 @@ def test_a_stranger_gets_no_answer_for_a_forgery(
 
 
 def test_receipts_for_messages_we_did_not_send_them_are_ignored(
-    make: object, relay: MemoryRelay
+    trio: tuple[Party, ...], relay: MemoryRelay
 ) -> None:
     """bob confirms a message alice sent to carol only: it does not become ✓✓."""
-    alice, bob, carol = (make(n) for n in ("alice", "bob", "carol"))  # type: ignore[operator]
-    for p in (alice, bob, carol):
-        relay.connect(p)
+    alice, bob, carol = trio
     relay.disconnect(carol)
     to_carol = _send(relay, alice, _conv(alice, carol), "for carol")
     _send(relay, bob, _conv(bob, alice), "bob opens a session")

@@ -17,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from securechat.core import wire
 from securechat.errors import StorageError
+from securechat.relay import schema
 from securechat.relay import store as store_mod
 from securechat.relay.limits import RelayConfig
+from securechat.relay.mailboxes import Bundle, Delete, Insert, InsertResult, Published, Request
+from securechat.relay.store_thread import StoreThread
 
 TTL_MS = 10_000
 
@@ -88,15 +91,15 @@ def test_migrates_v1_keeping_rows_seqs_and_counter(tmp_path: Path) -> None:
     ]
     last = write_v1(tmp_path / store_mod.DB_FILE, rows, drop=2)
     s = make_store(tmp_path, ttl=TTL_MS / 1000)
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     kept = rows[:-2]
     for mailbox in (a, b):
         got = s.fetch(mailbox, 0, 100, now_ms=1000)
         want = [(i + 1, r[1], r[2], r[3], r[4]) for i, r in enumerate(kept) if r[0] == mailbox]
         assert [(seq, bytes(sn), bytes(m), ts, bytes(p)) for seq, sn, m, ts, p in got] == want
         assert s.usage[mailbox] == [len(want), sum(len(w[4]) for w in want)]
-    assert s.insert(a, s1, kept[1][2], 5, b"x", force=False) == store_mod.DUPLICATE
-    assert s.insert(a, s1, mid(99), 5, b"x", force=False) == store_mod.INSERTED
+    assert s.insert(a, s1, kept[1][2], 5, b"x", force=False) == InsertResult.DUPLICATE
+    assert s.insert(a, s1, mid(99), 5, b"x", force=False) == InsertResult.INSERTED
     new_seq = s.fetch(a, 0, 100, now_ms=0)[-1][0]
     assert new_seq > last  # the deleted tail's seqs are not handed out again
     assert s.delete(b, kept[0][1], kept[0][2])
@@ -114,19 +117,19 @@ def test_migrates_v1_keeping_rows_seqs_and_counter(tmp_path: Path) -> None:
 def test_migration_of_empty_v1_store(tmp_path: Path) -> None:
     write_v1(tmp_path / store_mod.DB_FILE, [], drop=0)
     s = make_store(tmp_path)
-    assert s.insert(key("a"), key("s"), mid(1), 0, b"p", force=False) == store_mod.INSERTED
+    assert s.insert(key("a"), key("s"), mid(1), 0, b"p", force=False) == InsertResult.INSERTED
     assert [r[2] for r in s.fetch(key("a"), 0, 10, 0)] == [mid(1)]
     s.close()
 
 
-@pytest.mark.parametrize("version", [store_mod.SCHEMA_VERSION + 1, 99])
+@pytest.mark.parametrize("version", [schema.SCHEMA_VERSION + 1, 99])
 def test_newer_schema_is_refused_unchanged(tmp_path: Path, version: int) -> None:
     s = make_store(tmp_path)
     s.insert(key("a"), key("s"), mid(1), 0, b"p", force=False)
     s.db.execute(f"PRAGMA user_version={version}")
     s.close()
     with pytest.raises(
-        StorageError, match=f"schema version {version}, expected {store_mod.SCHEMA_VERSION}"
+        StorageError, match=f"schema version {version}, expected {schema.SCHEMA_VERSION}"
     ):
         make_store(tmp_path)
     db = sqlite3.connect(tmp_path / store_mod.DB_FILE)
@@ -148,9 +151,22 @@ class FakePoster:
         fn(*args)
 
 
+class _Op(Request[Any]):
+    """A request that runs any function of the store (to inject a failure)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any, poster: Any, reply: Any) -> None:
+        super().__init__(poster, reply)
+        self.fn = fn
+
+    def run(self, store: Any, now_ms: int) -> Any:
+        return self.fn(store, now_ms)
+
+
 def _run_batch(s: store_mod.MailboxStore, ops: list[Any]) -> list[Any]:
     """Run ``ops`` through a StoreThread as one batch; their results (None: failed)."""
-    thread = store_mod.StoreThread(s, RelayConfig(), lambda mailboxes: None)
+    thread = StoreThread(s, RelayConfig(), lambda mailboxes: None)
     results: list[Any] = [None] * len(ops)
     done = threading.Event()
 
@@ -162,9 +178,7 @@ def _run_batch(s: store_mod.MailboxStore, ops: list[Any]) -> list[Any]:
 
         return fn
 
-    requests = [
-        store_mod.Request(op=op, poster=FakePoster(), fn=reply(i)) for i, op in enumerate(ops)
-    ]
+    requests: list[Request[Any]] = [_Op(op, FakePoster(), reply(i)) for i, op in enumerate(ops)]
     thread._run_batch(requests)  # one batch, on this thread (no timing involved)
     assert done.is_set()
     return results
@@ -183,8 +197,8 @@ def test_failed_batch_does_not_reuse_an_undone_party_id(tmp_path: Path) -> None:
     s = make_store(tmp_path)
     a, b, snd = key("a"), key("b"), key("s")
     results = _run_batch(s, [_ins(a, snd, 1), _fail])
-    assert results == [store_mod.INSERTED, None]
-    assert _run_batch(s, [_ins(b, snd, 2)]) == [store_mod.INSERTED]
+    assert results == [InsertResult.INSERTED, None]
+    assert _run_batch(s, [_ins(b, snd, 2)]) == [InsertResult.INSERTED]
     assert [r[2] for r in s.fetch(a, 0, 10, 0)] == [mid(1)]
     assert [r[2] for r in s.fetch(b, 0, 10, 0)] == [mid(2)]
     ids = s.db.execute("SELECT count(DISTINCT mailbox) FROM frames").fetchone()[0]
@@ -244,14 +258,14 @@ def test_store_matches_a_model(
             result = s.insert(*k, ts_step * TTL_MS, b"p", force=False)
             full = sum(1 for kk in model if kk[0] == k[0]) >= 4
             want = (
-                store_mod.DUPLICATE
+                InsertResult.DUPLICATE
                 if k in model
-                else store_mod.OVER_QUOTA
+                else InsertResult.OVER_QUOTA
                 if full
-                else store_mod.INSERTED
+                else InsertResult.INSERTED
             )
             assert result == want
-            if want == store_mod.INSERTED:
+            if want == InsertResult.INSERTED:
                 order += 1
                 model[k] = (order, ts_step * TTL_MS + TTL_MS)
         elif op[0] == "delete":
@@ -268,7 +282,7 @@ def test_store_matches_a_model(
             results = _run_batch(s, [_ins(*k[:2], op[3]), _fail])
             full = sum(1 for kk in model if kk[0] == k[0]) >= 4
             if k not in model and not full:
-                assert results[0] == store_mod.INSERTED
+                assert results[0] == InsertResult.INSERTED
                 order += 1
                 model[k] = (order, 2**62)  # stamped with the real clock: never purged here
         for mailbox in MAILBOXES:
@@ -286,7 +300,7 @@ def test_may_hold_covers_queued_stored_and_acked_frames(tmp_path: Path) -> None:
     """A connection skips its first backlog fetch only when may_hold says no:
     a queued (uncommitted) insert and a stored frame must both say yes."""
     store = make_store(tmp_path)
-    thread = store_mod.StoreThread(store, RelayConfig(data_dir=tmp_path), lambda boxes: None)
+    thread = StoreThread(store, RelayConfig(data_dir=tmp_path), lambda boxes: None)
     box, sender = key("box"), key("sender")
     assert not thread.may_hold(box)
 
@@ -297,11 +311,10 @@ def test_may_hold_covers_queued_stored_and_acked_frames(tmp_path: Path) -> None:
             fn(*args)
             done.set()
 
-    def insert(s: store_mod.MailboxStore, now: int) -> int:
-        return s.insert(box, sender, mid(1), now, b"payload", force=False)
-
-    request = store_mod.Request(op=insert, poster=Poster(), fn=lambda r: None, mailbox=box, size=7)
-    thread.put(request)
+    request = Insert(
+        Poster(), lambda r: None, box, sender, mid(1), 0, b"payload", force=False, origin=b""
+    )
+    thread.submit(request)
     assert thread.may_hold(box)  # queued, not run yet: the store thread is not started
     assert not thread.may_hold(key("other"))
     thread.start()
@@ -309,11 +322,7 @@ def test_may_hold_covers_queued_stored_and_acked_frames(tmp_path: Path) -> None:
         assert done.wait(5)
         assert thread.may_hold(box)  # committed: stored
         done.clear()
-        thread.put(
-            store_mod.Request(
-                op=lambda s, now: s.delete(box, sender, mid(1)), poster=Poster(), fn=lambda r: None
-            )
-        )
+        thread.submit(Delete(Poster(), lambda r: None, box, [(sender, mid(1))]))
         assert done.wait(5)
         assert not thread.may_hold(box)  # acknowledged and deleted: nothing left
     finally:
@@ -324,11 +333,11 @@ def test_prekey_count_follows_publish_take_and_rollback(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     alice = key("alice")
     store.db.execute("BEGIN")
-    assert store.publish_prekeys(alice, b"spk", (b"k1", b"k2", b"k3")) == (3, True)
+    assert store.publish_prekeys(alice, b"spk", (b"k1", b"k2", b"k3")) == Published(3, True)
     store.db.execute("COMMIT")
     assert store.otk_counts[alice] == 3
     store.db.execute("BEGIN")
-    assert store.take_prekeys(alice) == (b"spk", b"k1", 2)
+    assert store.take_prekeys(alice) == Bundle(b"spk", b"k1", 2)
     store.db.execute("COMMIT")
     assert store.otk_counts[alice] == 2
     store.db.execute("BEGIN")
@@ -379,7 +388,7 @@ def test_migrates_v2_keeping_frames_and_marking_known_mailboxes(tmp_path: Path) 
     db.execute("INSERT INTO signed_prekeys VALUES (?, ?)", (key("ident"), b"spk"))
     db.close()
     s = make_store(tmp_path, ttl=TTL_MS / 1000)
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 3
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 3
     got = [bytes(r[2]) for r in s.fetch(key("box"), 0, 10, now_ms=1000)]
     assert got == [mid(0), mid(1), mid(2)]
     assert s.usage[key("box")] == [3, 6]
@@ -390,7 +399,7 @@ def test_migrates_v2_keeping_frames_and_marking_known_mailboxes(tmp_path: Path) 
     assert s.delete(key("box"), key("snd"), mid(0))
     assert (
         s.insert(key("box"), key("snd"), mid(9), 2000, b"q", force=False, origin=b"127.0.0.0/24")
-        == store_mod.INSERTED
+        == InsertResult.INSERTED
     )
     s.close()
     again = make_store(tmp_path, ttl=TTL_MS / 1000)

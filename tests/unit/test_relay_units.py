@@ -14,6 +14,7 @@ from securechat.errors import CorruptKeyError, KeyPermissionError, UsageError
 from securechat.relay import keyfile, server
 from securechat.relay import store as store_mod
 from securechat.relay.limits import MAX_STORED_OTKS, RelayConfig, TokenBucket
+from securechat.relay.mailboxes import Bundle, InsertResult, Published
 
 
 @given(st.lists(st.tuples(st.floats(0, 2), st.floats(0, 50)), max_size=50))
@@ -69,12 +70,12 @@ def test_store_insert_fetch_delete_quota(tmp_path: Path) -> None:
     s = make_store(tmp_path, quota_frames=2, ttl=10.0)
     mb, snd = b"m" * 32, b"s" * 32
     s.mark_known(mb)
-    assert s.insert(mb, snd, b"1" * 16, 1000, b"a", force=False) == store_mod.INSERTED
-    assert s.insert(mb, snd, b"1" * 16, 1000, b"a", force=False) == store_mod.DUPLICATE
-    assert s.insert(mb, snd, b"2" * 16, 1000, b"bb", force=False) == store_mod.INSERTED
-    assert s.insert(mb, snd, b"3" * 16, 1000, b"c", force=False) == store_mod.OVER_QUOTA
-    assert s.insert(mb, snd, b"2" * 16, 1000, b"bb", force=False) == store_mod.DUPLICATE
-    assert s.insert(mb, snd, b"4" * 16, 1000, b"d", force=True) == store_mod.INSERTED
+    assert s.insert(mb, snd, b"1" * 16, 1000, b"a", force=False) == InsertResult.INSERTED
+    assert s.insert(mb, snd, b"1" * 16, 1000, b"a", force=False) == InsertResult.DUPLICATE
+    assert s.insert(mb, snd, b"2" * 16, 1000, b"bb", force=False) == InsertResult.INSERTED
+    assert s.insert(mb, snd, b"3" * 16, 1000, b"c", force=False) == InsertResult.OVER_QUOTA
+    assert s.insert(mb, snd, b"2" * 16, 1000, b"bb", force=False) == InsertResult.DUPLICATE
+    assert s.insert(mb, snd, b"4" * 16, 1000, b"d", force=True) == InsertResult.INSERTED
     rows = s.fetch(mb, 0, 10, now_ms=1000)
     assert [r[2] for r in rows] == [b"1" * 16, b"2" * 16, b"4" * 16]
     assert s.fetch(mb, rows[0][0], 10, now_ms=1000)[0][2] == b"2" * 16
@@ -102,19 +103,19 @@ def test_store_seq_never_reused(tmp_path: Path) -> None:
 def test_store_prekeys(tmp_path: Path) -> None:
     s = make_store(tmp_path)
     ident = b"i" * 32
-    assert s.take_prekeys(ident) == (b"", None, 0)
+    assert s.take_prekeys(ident) == Bundle(b"", None, 0)
     otks = tuple(i.to_bytes(4, "big") + bytes(32) for i in range(MAX_STORED_OTKS + 10))
-    assert s.publish_prekeys(ident, b"spk", otks[:100]) == (100, True)
-    assert s.publish_prekeys(ident, b"", otks[100:]) == (MAX_STORED_OTKS, True)  # capped
-    assert s.publish_prekeys(ident, b"spk", ()) == (MAX_STORED_OTKS, False)  # no change
-    assert s.publish_prekeys(ident, b"", otks[:1]) == (MAX_STORED_OTKS, False)  # full
-    assert s.take_prekeys(ident) == (b"spk", otks[0], MAX_STORED_OTKS - 1)
-    assert s.take_prekeys(ident, one_time=False) == (b"spk", None, MAX_STORED_OTKS - 1)
-    assert s.take_prekeys(ident) == (b"spk", otks[1], MAX_STORED_OTKS - 2)
+    assert s.publish_prekeys(ident, b"spk", otks[:100]) == Published(100, True)
+    assert s.publish_prekeys(ident, b"", otks[100:]) == Published(MAX_STORED_OTKS, True)  # capped
+    assert s.publish_prekeys(ident, b"spk", ()) == Published(MAX_STORED_OTKS, False)  # no change
+    assert s.publish_prekeys(ident, b"", otks[:1]) == Published(MAX_STORED_OTKS, False)  # full
+    assert s.take_prekeys(ident) == Bundle(b"spk", otks[0], MAX_STORED_OTKS - 1)
+    assert s.take_prekeys(ident, one_time=False) == Bundle(b"spk", None, MAX_STORED_OTKS - 1)
+    assert s.take_prekeys(ident) == Bundle(b"spk", otks[1], MAX_STORED_OTKS - 2)
     assert s.count_prekeys(ident) == MAX_STORED_OTKS - 2
     # one-time prekeys with no signed prekey anywhere: refused, nothing stored (protocol 3.4)
     other = b"o" * 32
-    assert s.publish_prekeys(other, b"", otks[:3]) == (store_mod.PUBLISH_REFUSED, False)
+    assert s.publish_prekeys(other, b"", otks[:3]).refused
     assert s.count_prekeys(other) == 0
     s.close()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from securechat.client import keystore
 from securechat.client.app import open_store
 from securechat.client.events import Event, MessageEvent, NoticeEvent
-from securechat.client.link import KNOWN_RELAYS, KnownRelays
 from securechat.client.messenger import Messenger
+from securechat.client.relays import KNOWN_RELAYS, KnownRelays
 from securechat.core import keys
 
 from relay_fixture import keygen

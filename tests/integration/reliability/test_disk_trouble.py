@@ -26,10 +26,9 @@ import pytest
 from securechat.core import wire
 
 from cli_output import error_text
-from conftest import run_cli
 from paths import REPO
-from relay_fixture import keygen
-from relayclient import RelayClient, RelayProcess, new_identity
+from relay_fixture import RelayProcess, keygen, run_cli
+from relayclient import RelayClient, new_identity
 
 pytestmark = pytest.mark.timeout(120)
 PAYLOAD = 48 * 1024  # a large (but legal) stored payload, to fill a small disk fast

@@ -38,7 +38,8 @@ import pytest
 from securechat.core import dh, noise, wire
 from securechat.errors import SecureChatError
 
-from relayclient import RelayProcess, new_identity
+from relay_fixture import RelayProcess
+from relayclient import new_identity
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 ATTACK_SECONDS = float(os.environ.get("SECURECHAT_HOSTILE_SECONDS", "12"))

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from securechat.core import keys
 
-from conftest import cli_env
-from relayclient import RelayProcess
+from relay_fixture import RelayProcess, cli_env
 from reliability.proxy import RecordingProxy
 
 pytestmark = pytest.mark.timeout(120)

@@ -194,8 +194,18 @@ def _saw_prekeys_before(home: Path, name: str, peer: keys.PublicIdentity) -> Non
         store.close()
 
 
-def test_an_offline_first_message_waits_for_the_bundle(sc_home: Path) -> None:
+def test_an_offline_first_message_waits_for_the_bundle(
+    sc_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held while offline, sealed with bob's bundle once the relay and bob are back.
+
+    alice has seen bob with prekeys before: for a peer never seen with any, a "none"
+    answer (alice may ask before bob has published) is the documented no-prekey
+    start, and the test would race bob's publish against alice's reconnection.
+    """
+    monkeypatch.setattr(session_module, "HELD_RETRY", 0.3)
     make_identities(sc_home, "alice", "bob")
+    _saw_prekeys_before(sc_home, "alice", _public(sc_home, "bob"))
     probe = FakeRelay(seed=2, attack_rate=0.0)
     port = int(probe.address.rsplit(":", 1)[1])
     probe.close()  # a port nothing listens on, yet
