@@ -162,3 +162,60 @@ class LineRpc:
             with contextlib.suppress(OSError):
                 self.reader.close()
             self.closer.close()
+
+
+@dataclass
+class Web:
+    """``securechat web --no-browser`` (its own daemon unless one runs); stopped by its PID."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    log: PipeDrain
+
+    @classmethod
+    def start(cls, home: Path, key: str, relay: Relay) -> Web:
+        proc = subprocess.Popen(
+            [*cli_cmd(), "web", "--key", key, "--relay", relay.address, "--no-browser"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_for(home),
+            cwd=home.parent,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        log = PipeDrain(proc.stderr)
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if sel.select(timeout=START_TIMEOUT):
+                url = proc.stdout.readline().strip()
+                if url.startswith("http://127.0.0.1:"):
+                    return cls(proc, url, log)
+        proc.kill()
+        proc.wait(timeout=5)
+        raise RuntimeError(f"web did not start: {log.text()}")
+
+    @property
+    def base(self) -> str:
+        return self.url.split("#", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.base.rsplit(":", 1)[1].strip("/"))
+
+    @property
+    def token(self) -> str:
+        return self.url.split("#token=", 1)[1]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.text()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode

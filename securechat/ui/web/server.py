@@ -17,7 +17,7 @@ The guards, against what a web page in the same browser could try:
 * **Origin.** The WebSocket handshake must come from this origin: a page of
   another origin (which the browser names in ``Origin``) gets 403 (no
   cross-site WebSocket hijacking; WebSockets are not covered by CORS).
-* **Only GET.** The HTTP parser refuses every other method: no form can POST.
+* **Only GET.** Every other method gets 405: no form on another site can POST.
 * **Headers.** A strict Content-Security-Policy (``default-src 'none'``; scripts,
   styles and the WebSocket from this origin only; no inline script; no frames),
   ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``,
@@ -113,6 +113,10 @@ class WebServer:
     # --- HTTP: every request passes here first -----------------------------------------------
 
     def _check(self, conn: ServerConnection, request: Request) -> Response | None:
+        # websockets before 15 refuses every method but GET itself; later versions pass
+        # them on with ``method``: no form on another site can POST to us either way.
+        if getattr(request, "method", "GET") != "GET":
+            return _plain(HTTPStatus.METHOD_NOT_ALLOWED, "only GET")
         if request.headers.get("Host") not in self._hosts:
             return _plain(HTTPStatus.MISDIRECTED_REQUEST, "wrong Host: open the printed URL")
         target = urlsplit(request.path)
