@@ -196,12 +196,17 @@ class Daemon:
                 self._drop(sub)
 
     def _stranger_named_like_a_peer(self, event: MessageEvent) -> None:
-        """A message signed by another key under a known peer's name: their key changed
-        (or someone pretends); say so once, as ``keyChanged``."""
+        """A message from a key we do not know: if it uses a known peer's name, or a
+        known peer's ``NAME.pub`` now holds another key, that peer's key changed (or
+        someone pretends); say so once per new key, as ``keyChanged``. Costs one read
+        of each known peer's small file per unverified message, which the relay's
+        rate limits bound."""
         known = {p.name: p for p in self.messenger.peers.identities()}
         peer = known.get(event.sender_name)
         if peer is not None:
             self._flag(event.sender_name, peer.fingerprint, event.sender_fingerprint)
+        for other in known.values():
+            self._file_changed(other)
 
     def _flag(self, name: str, old: str, new: str) -> None:
         if self._flagged.get(name) == new:
@@ -325,7 +330,7 @@ class Daemon:
                     "name": peer.name,
                     "fingerprint": peer.fingerprint,
                     "online": self._presence.get(peer.name),
-                    "keyChanged": self._file_changed(peer),
+                    "keyChanged": self._file_changed(peer) or peer.name in self._flagged,
                 }
             )
         return {"peers": out}

@@ -199,9 +199,9 @@ async function send() {
     const result = await state.rpc.call("send", params);
     box.value = "";
     notice("");
-    if (!state.convs.has(result.conversation)) {
-      const real = conversationOf({ id: result.conversation, group: conv.members.length > 1, members: conv.members });
-      state.open = real;
+    if (result.conversation !== conv.id) {
+      // A new chat, or the same names with a new key (after a trusted key change).
+      openConversation(conversationOf({ id: result.conversation, group: conv.members.length > 1, members: conv.members }));
     }
   } catch (e) {
     notice(e.message);
@@ -228,7 +228,7 @@ async function showSafety() {
   try {
     const result = await state.rpc.call("safetyNumber", { peer: conv.members[0] });
     const panel = $("safety-panel");
-    panel.textContent = `Safety number with ${result.peer}: ${result.safetyNumber.match(/.{1,5}/g).join(" ")} (compare with ${result.peer} in person or by phone)`;
+    panel.textContent = `Safety number with ${result.peer}: ${result.safetyNumber} (compare with ${result.peer} in person or by phone)`;
     panel.hidden = false;
   } catch (e) { notice(e.message); }
 }
