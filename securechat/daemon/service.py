@@ -50,7 +50,9 @@ DEFAULT_HISTORY: Final = 50
 MAX_STATUS_IDS: Final = 1000
 MAX_SUBSCRIBERS: Final = 16  # subscriptions at once, over every connection
 REPLAY_BATCH: Final = 200  # log rows read per step of a subscription
-WAKE_INTERVAL: Final = 1.0  # a subscription re-reads the log at least this often
+# A subscription sleeps until the messenger reports a change (every log write comes with
+# one); this is only a safety net, long enough that an idle daemon stays idle.
+WAKE_INTERVAL: Final = 30.0
 MAX_CURSOR: Final = 2**62
 STOP_GRACE: Final = 2.0  # seconds a stopping daemon waits for each subscription thread
 
@@ -172,6 +174,8 @@ class Daemon:
     # --- events from the messenger (any thread) ---------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        if not isinstance(event, MessageEvent | StatusEvent):
+            self._wake()  # a notice may follow a log write too (a refused or held message)
         if isinstance(event, MessageEvent | StatusEvent):
             if isinstance(event, MessageEvent) and not event.verified:
                 self._stranger_named_like_a_peer(event)
