@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from securechat.client import app, keystore
-from securechat.client.events import Event
+from securechat.client.events import Event, NoticeEvent
 from securechat.core import keys
 from securechat.daemon import remote
 
@@ -43,6 +43,8 @@ def open_client(
         return
     address = app.relay_address(relay) if relay is not None else None
     with remote.attach(path, address, on_event, since) as attached:
+        if not keep_history:
+            on_event(NoticeEvent("a daemon runs for this identity: it keeps the history"))
         yield attached
 
 

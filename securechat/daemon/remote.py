@@ -258,6 +258,17 @@ class RemoteMessenger:
             self.received_count += 1
         self._emit(converted)
 
+    def replay_state(self) -> None:
+        """Tell the front-end what a messenger of its own would have said on starting:
+        the link's state and the peers' presence (the daemon's happened long ago)."""
+        if self.connected:
+            self._emit(
+                ConnectionEvent(True, f"connected to {self.relay_address} (through the daemon)")
+            )
+        for peer in self._client.call("peers", {})["peers"]:
+            if isinstance(peer.get("online"), bool):
+                self._emit(PresenceEvent(str(peer["name"]), bool(peer["online"])))
+
     # --- the Engine calls ------------------------------------------------------------------
 
     def status(self, ids: Iterable[str] = ()) -> dict[str, Any]:
@@ -412,6 +423,7 @@ def attach(
                 )
             )
         remote.subscribe(since(remote) if callable(since) else since)
+        remote.replay_state()
         yield RemoteClient(remote.identity, remote)
     finally:
         remote.close()

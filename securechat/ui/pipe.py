@@ -93,7 +93,7 @@ def run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdenti
     printer = _PipePrinter(sys.stdout, sys.stderr, args.json)
     with attach.open_client(
         args.key,
-        relay,
+        args.relay,  # None unless given: a daemon's own relay is then no surprise
         args.relay_key,
         printer,
         keep_history=not args.no_history,
@@ -110,7 +110,7 @@ def run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdenti
         # earlier run goes out before the new lines, so order is kept.
         messenger.synced.wait(min(CONNECT_GRACE, args.timeout))
         refused = _send_lines(messenger, conv, sys.stdin)
-        _finish(messenger, relay, args.timeout, printer)
+        _finish(messenger, messenger.relay_address, args.timeout, printer)
         if refused is not None:
             raise refused
     return 0

@@ -102,6 +102,7 @@ class ChatScreen:
 
     def attach(self, messenger: Engine, conv: Conversation) -> None:
         self._messenger = messenger
+        self._relay = messenger.relay_address  # a daemon's, when talk goes through one
         self._conv = conv
         self.log.conv_id = conv.conv_id
         me = messenger.identity.public
@@ -360,7 +361,7 @@ def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIden
     screen = ChatScreen(peers, relay)
     with attach.open_client(
         args.key,
-        relay,
+        args.relay,  # None unless given: a daemon's own relay is then no surprise
         args.relay_key,
         screen.post,
         keep_history=not args.no_history,

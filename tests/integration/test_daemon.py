@@ -295,3 +295,23 @@ def test_without_a_daemon_the_commands_work_as_before(home: Path, relay: Relay) 
     assert _bob_receives(home, relay) == ["alice: x"]
     hist = run(home, "history", "--key", "alice", "--peer", "bob")
     assert hist.returncode == 0 and hist.stdout.count("alice: x") == 1
+
+
+def test_the_talk_screen_goes_through_the_daemon(home: Path, relay: Relay, daemon: Daemon) -> None:
+    import re
+
+    from test_talk_pty import Term
+
+    term = Term(home, ["talk", "--key", "alice", "--peer", "bob"])
+    try:
+        term.wait(f"connected {relay.address}")  # the daemon's relay, on the status line
+        term.type("hello from the screen\r")
+        term.wait(lambda s: re.search(r"alice: hello from the screen  ✓$", s, re.M))
+        assert _bob_receives(home, relay) == ["alice: hello from the screen"]
+        term.wait(lambda s: re.search(r"alice: hello from the screen  ✓✓$", s, re.M))
+        _bob_sends(home, relay, "reply to the screen")
+        term.wait("bob: reply to the screen")
+        term.type("/quit\r")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
