@@ -315,3 +315,52 @@ def test_the_talk_screen_goes_through_the_daemon(home: Path, relay: Relay, daemo
         assert term.exit_code() == 0
     finally:
         term.close()
+
+
+def test_group_events_carry_the_group_and_its_members(
+    home: Path, relay: Relay, client: LineRpc
+) -> None:
+    client.call("subscribe", {"since": client.call("version")["cursor"]})
+    sent = client.call("send", {"to": ["bob", "carol"], "text": "to the group"})
+    assert sent["conversation"].startswith("group-")
+    mine = client.wait_events(lambda e: e["type"] == "message" and e["outgoing"])[0]
+    assert mine["conversation"]["group"] is True
+    assert sorted(mine["conversation"]["members"]) == ["bob", "carol"]
+    res = run(home, "receive", "--key", "carol", "--relay", relay.address, "--timeout", "1")
+    assert res.stdout.splitlines() == ["alice: to the group"]
+    res = run(
+        home, "send", "--key", "carol", "--peer", "alice", "--peer", "bob",
+        "--relay", relay.address, "-m", "carol to the group",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = client.wait_events(_from_bob)[0]  # (any incoming message)
+    assert got["sender"]["name"] == "carol" and got["text"] == "carol to the group"
+    assert got["conversation"]["id"] == sent["conversation"]
+    assert sorted(got["conversation"]["members"]) == ["bob", "carol"]
+    # A reply by conversation id goes to the same group.
+    again = client.call("send", {"conv": sent["conversation"], "text": "by id"})
+    assert again["conversation"] == sent["conversation"]
+
+
+def test_presence_events(home: Path, relay: Relay, client: LineRpc) -> None:
+    client.call("send", {"to": ["bob"], "text": "watch bob"})  # bob becomes a known peer
+    client.call("subscribe", {})
+    bob = subprocess.Popen(
+        [*cli_cmd(), "talk", "--key", "bob", "--peer", "alice", "--relay", relay.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for(home),
+        cwd=home.parent,
+    )
+    try:
+        online = client.wait_events(lambda e: e["type"] == "presence" and e["online"])[0]
+        assert online["peer"] == "bob" and online["cursor"] is None
+        assert client.call("peers")["peers"][0]["online"] is True
+        bob.communicate(timeout=30)  # end of input: bob leaves
+        client.wait_events(lambda e: e["type"] == "presence" and not e["online"])
+    finally:
+        if bob.poll() is None:
+            bob.kill()
+            bob.communicate(timeout=5)

@@ -145,10 +145,24 @@ def test_alice_in_the_page_and_bob_on_the_cli(
     number = _cli(home, None, "safety-number", "--key", "alice", "--peer", "bob")
     expect(p.locator("#safety-panel")).to_contain_text(number.splitlines()[1].strip())  # type: ignore[attr-defined]
 
+    # A group from known peers: tick two, start, write.
+    p.locator("#peers input[value=bob]").check()  # type: ignore[attr-defined]
+    p.locator("#peers input[value=carol]").check()  # type: ignore[attr-defined]
+    p.locator("#start").click()  # type: ignore[attr-defined]
+    expect(p.locator("#conv-title")).to_have_text("Group: bob, carol")  # type: ignore[attr-defined]
+    box.fill("hello group")
+    box.press("Enter")
+    expect(_message(p, "hello group")).to_have_attribute(
+        "data-status", re.compile("accepted|delivered")
+    )
+    group = p.locator("#conversations button", has_text="group: bob, carol")  # type: ignore[attr-defined]
+    expect(group).to_have_count(1)
+    assert "alice: hello group" in _cli(home, relay, "receive", "--key", "carol", "--timeout", "2")
+
     # A reload keeps the history (it comes back from the daemon's log).
     p.reload()  # type: ignore[attr-defined]
     expect(p.locator("body")).to_have_attribute("data-ready", "true")  # type: ignore[attr-defined]
-    p.locator("#conversations button", has_text="bob").click()  # type: ignore[attr-defined]
+    p.locator("#conversations button", has_text=re.compile(r"^bob$")).click()  # type: ignore[attr-defined]
     for text in ("first, from the CLI", "hello <b>bob</b>", "line two", "hi alice, from the CLI"):
         expect(_message(p, text)).to_have_count(1)
     expect(_message(p, "hello <b>bob</b>")).to_have_attribute("data-status", "delivered")

@@ -40,6 +40,9 @@ function conversationOf(c) {
 }
 
 function onMessage(m) {
+  if (!m.outgoing && (!m.sender.verified || !state.peers.has(m.sender.name))) {
+    loadPeers().catch(() => {}); // a new known peer, or a stranger using a known name
+  }
   const conv = conversationOf(m.conversation);
   const old = conv.messages.get(m.id);
   if (old && RANK[old.status] >= RANK[m.status]) return;
@@ -146,6 +149,7 @@ function drawConversations() {
 function drawPeers() {
   const list = $("peers");
   const ticked = new Set([...list.querySelectorAll("input:checked")].map((i) => i.value));
+  $("start").disabled = ticked.size === 0;
   list.replaceChildren();
   for (const peer of state.peers.values()) {
     const box = el("input", { type: "checkbox", value: peer.name, checked: ticked.has(peer.name) });
