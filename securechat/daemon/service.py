@@ -11,14 +11,11 @@ messenger, and shape the answer (:mod:`securechat.daemon.api`).
 Nothing is lost for want of a subscriber. Every message stored, every mark
 raised and every key change is a row of the store's event log, written in the
 transaction that changed the history, whoever held the identity then (this
-daemon, or ``talk`` before it started). A :class:`Subscription` does not keep
-events in memory: its thread reads the log from its cursor through a second,
-read-only connection to the store (so readers never wait for the network
-thread, nor it for them), offers each event to its connection's bounded queue,
-and sleeps until the messenger reports a change. Replay and live streaming are
-the same loop, so there is no seam to lose or repeat an event at. Events that
-are not history (presence, the relay connection, notices and errors) are
-offered to every subscriber as they happen. A subscriber whose queue is full
+daemon, or ``talk`` before it started). Subscribers read that log from their
+cursor (:mod:`securechat.daemon.log`); this module keeps the registry and
+decides what happens to one that falls behind: events that are not history
+(presence, the relay connection, notices and errors) are offered to every
+subscriber as they happen, and a subscriber whose queue is full
 (:data:`~securechat.daemon.server.MAX_QUEUED_EVENTS`) is dropped with an
 ``error`` event that carries its last cursor; it subscribes again from there.
 """
@@ -29,7 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from securechat import __version__
 from securechat.client import app, keystore
@@ -40,6 +37,7 @@ from securechat.client.relays import KnownRelays
 from securechat.client.store import ClientStore, HistoryEntry
 from securechat.core import envelope, keys
 from securechat.daemon import api, rpc
+from securechat.daemon.log import EventLog, Sink, Subscription
 from securechat.errors import PeerKeyChangedError, SecureChatError, UsageError
 
 # Chosen bounds on what one request may ask for.
@@ -49,22 +47,8 @@ MAX_HISTORY: Final = 1000  # history: messages per call
 DEFAULT_HISTORY: Final = 50
 MAX_STATUS_IDS: Final = 1000
 MAX_SUBSCRIBERS: Final = 16  # subscriptions at once, over every connection
-REPLAY_BATCH: Final = 200  # log rows read per step of a subscription
-# A subscription sleeps until the messenger reports a change (every log write comes with
-# one); this is only a safety net, long enough that an idle daemon stays idle.
-WAKE_INTERVAL: Final = 30.0
 MAX_CURSOR: Final = 2**62
 STOP_GRACE: Final = 2.0  # seconds a stopping daemon waits for each subscription thread
-
-
-class Sink(Protocol):
-    """Where a subscription's events go: a connection's bounded queue."""
-
-    def offer(self, event: dict[str, Any]) -> bool:
-        """Queue ``event`` if there is room; False if the queue is full."""
-
-    def fail(self, event: dict[str, Any]) -> None:
-        """Queue ``event`` whatever the room (the last word of a dropped subscription)."""
 
 
 @dataclass(slots=True)
@@ -91,12 +75,7 @@ class Daemon:
     ) -> None:
         self.identity = identity
         self.account = identity.name
-        self._me_hex = identity.public.dh.hex()
-        self._reader = reader
-        self._reader_open = True
-        self._read_lock = threading.Lock()
-        self._log_changed = threading.Condition()
-        self._log_version = 0
+        self.log = EventLog(reader, identity.name, identity.public.dh.hex())
         self._subs: set[Subscription] = set()
         self._subs_lock = threading.Lock()
         self._presence: dict[str, bool] = {}
@@ -111,7 +90,7 @@ class Daemon:
             pinned_relay_key=pinned_relay_key,
             watch=KnownPeers(store).identities(),
         )
-        self.start_cursor = self._bounds()[1]
+        self.start_cursor = self.log.bounds()[1]
         self._methods: dict[str, tuple[Callable[[dict[str, Any], Caller], Any], frozenset[str]]]
         self._methods = {
             "version": (self._version, frozenset()),
@@ -140,13 +119,11 @@ class Daemon:
             self._subs.clear()
         for sub in subs:
             sub.stop()
-        self._wake()
+        self.log.wake()
         for sub in subs:
             sub.join(STOP_GRACE)
         self.messenger.stop()
-        with self._read_lock:
-            self._reader_open = False
-            self._reader.close()
+        self.log.close()
 
     def close(self, caller: Caller) -> None:
         """A connection ended: its subscription goes with it."""
@@ -175,22 +152,17 @@ class Daemon:
 
     def _on_event(self, event: Event) -> None:
         if not isinstance(event, MessageEvent | StatusEvent):
-            self._wake()  # a notice may follow a log write too (a refused or held message)
+            self.log.wake()  # a notice may follow a log write too (a refused or held message)
         if isinstance(event, MessageEvent | StatusEvent):
             if isinstance(event, MessageEvent) and not event.verified:
                 self._stranger_named_like_a_peer(event)
-            self._wake()  # the log has it already (same transaction as the history)
+            self.log.wake()  # the log has it already (same transaction as the history)
             return
         if isinstance(event, PresenceEvent):
             self._presence[event.name] = event.online
         live = api.live(event, self.account)
         if live is not None:
             self._broadcast(live)
-
-    def _wake(self) -> None:
-        with self._log_changed:
-            self._log_version += 1
-            self._log_changed.notify_all()
 
     def _broadcast(self, event: dict[str, Any]) -> None:
         with self._subs_lock:
@@ -217,58 +189,9 @@ class Daemon:
             return  # said already: a flood of messages logs one event
         self._flagged[name] = new
         self.messenger.record_event({"type": "keyChanged", "peer": name, "old": old, "new": new})
-        self._wake()
+        self.log.wake()
 
-    # --- reading the log (subscriptions) ---------------------------------------------------
-
-    def _bounds(self) -> tuple[int, int]:
-        with self._read_lock:
-            return self._reader.events_bounds()
-
-    def events_after(self, cursor: int, limit: int) -> tuple[int, list[dict[str, Any]], bool]:
-        """(the cursor reached, the API events after ``cursor``, whether more may follow)
-        from at most ``limit`` rows."""
-        with self._read_lock:
-            if not self._reader_open:
-                return cursor, [], False
-            rows = self._reader.events_since(cursor, limit)
-            names = self._names()
-            events = []
-            for seq, logged in rows:
-                cursor = seq
-                shaped = self._shape(seq, logged, names)
-                if shaped is not None:
-                    events.append(shaped)
-        return cursor, events, len(rows) == limit
-
-    def _names(self) -> api.Names:
-        return {p.dh.hex(): p.name for p in KnownPeers(self._reader).identities()}
-
-    def _shape(self, seq: int, logged: dict[str, Any], names: api.Names) -> dict[str, Any] | None:
-        kind = logged.get("type")
-        if kind == "message":
-            entry = self._reader.history_entry(
-                str(logged["conv"]), bytes.fromhex(str(logged["msg_id"]))
-            )
-            if entry is None:
-                return None
-            return api.message(entry, self.account, self._me_hex, names, seq)
-        if kind == "receipt":
-            entry = self._reader.history_of(bytes.fromhex(str(logged["msg_id"])))
-            return api.receipt(entry, logged, self.account, self._me_hex, names, seq)
-        if kind == "keyChanged":
-            return api.key_changed(logged, self.account, seq)
-        return None  # a kind a newer version logged: skipped, its cursor still counts
-
-    def wait_for_log(self, seen: int, stop: threading.Event) -> None:
-        with self._log_changed:
-            self._log_changed.wait_for(
-                lambda: self._log_version != seen or stop.is_set(), timeout=WAKE_INTERVAL
-            )
-
-    def log_version(self) -> int:
-        with self._log_changed:
-            return self._log_version
+    # --- subscriptions ----------------------------------------------------------------------
 
     def _drop(self, sub: Subscription) -> None:
         if self._end(sub):
@@ -301,7 +224,7 @@ class Daemon:
             "publicKey": self.identity.public.to_line(),
             "relay": self.messenger.relay_address,
             "startCursor": self.start_cursor,
-            "cursor": self._bounds()[1],
+            "cursor": self.log.bounds()[1],
         }
 
     def _status(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -411,7 +334,7 @@ class Daemon:
             for peer in conv.peers:
                 self._flag_from_file(peer.name)
             raise
-        self._wake()
+        self.log.wake()
         self._rewatch()
         return {"id": msg_id.hex(), "conversation": conv.conv_id}
 
@@ -429,8 +352,7 @@ class Daemon:
         if "to" in params:
             return app.conversation(self.identity.public, self._recipients(params))
         conv_id = rpc.get_str(params, "conv", max_chars=80)
-        with self._read_lock:
-            entries = self._reader.history(conv_id, 1)
+        entries = self.log.read(lambda reader: reader.history(conv_id, 1))
         if not entries:
             raise rpc.invalid(f"no conversation {conv_id!r} in the history; send with to")
         record = entries[0].record
@@ -440,7 +362,7 @@ class Daemon:
             members = [str(k) for k in record.get("members") or [record.get("from", "")]]
         peers = []
         for hex_key in members:
-            if hex_key == self._me_hex:
+            if hex_key == self.log.me_hex:
                 continue
             peer = self.messenger.peers.trusted_identity(bytes.fromhex(hex_key))
             if peer is None:
@@ -470,24 +392,24 @@ class Daemon:
             conv_id = app.conversation(self.identity.public, self._recipients(params)).conv_id
         else:
             raise rpc.invalid("give to (names or public key lines) or conv (an id)")
-        with self._read_lock:
-            page = self._reader.history_page(conv_id, before, limit)
-            names = self._names()
+        page, names = self.log.read(
+            lambda reader: (reader.history_page(conv_id, before, limit), self.log.names(reader))
+        )
         messages = [self._history_item(seq, e, names) for seq, e in page]
         return {"messages": messages, "before": page[0][0] if page else None}
 
     def _history_item(self, seq: int, entry: HistoryEntry, names: api.Names) -> dict[str, Any]:
-        item = api.message(entry, self.account, self._me_hex, names, None)
+        item = api.message(entry, self.account, self.log.me_hex, names, None)
         item["seq"] = seq
         return item
 
     def _subscribe(self, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        oldest, latest = self._bounds()
+        oldest, latest = self.log.bounds()
         since = rpc.get_int(params, "since", low=0, high=MAX_CURSOR, default=latest)
         if caller.subscription is not None:
             self._end(caller.subscription)
             caller.subscription = None
-        sub = Subscription(self, caller.sink, since)
+        sub = Subscription(self.log, caller.sink, since, self._drop, self._end)
         with self._subs_lock:
             if len(self._subs) >= MAX_SUBSCRIBERS:
                 raise rpc.RpcError(
@@ -507,55 +429,6 @@ class Daemon:
         cursor = caller.subscription.cursor
         caller.subscription = None
         return {"cursor": cursor}
-
-
-class Subscription:
-    """A reader of the event log from a cursor on, in its own thread (see the module)."""
-
-    def __init__(self, daemon: Daemon, sink: Sink, since: int) -> None:
-        self.daemon = daemon
-        self.sink = sink
-        self.cursor = since  # the last event offered (what to resume from)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="securechat-sub", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        daemon = self.daemon
-        while not self._stop.is_set():
-            seen = daemon.log_version()
-            try:
-                reached, events, more = daemon.events_after(self.cursor, REPLAY_BATCH)
-            except SecureChatError as exc:
-                daemon._end(self)
-                self.sink.fail(
-                    {
-                        "type": "error",
-                        "cursor": self.cursor,
-                        "code": exc.exit_code,
-                        "message": str(exc),
-                    }
-                )
-                return
-            for event in events:
-                if self._stop.is_set():
-                    return
-                if not self.sink.offer(event):
-                    daemon._drop(self)
-                    return
-                self.cursor = int(event["cursor"])
-            self.cursor = max(self.cursor, reached)
-            if not more:
-                daemon.wait_for_log(seen, self._stop)
 
 
 def _msg_id(hex_id: str) -> bytes:

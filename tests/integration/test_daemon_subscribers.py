@@ -63,7 +63,7 @@ def _store_messages(d: Daemon, first: int, count: int) -> None:
     for i in range(first, first + count):
         with store.transaction():
             store.history_add("dm-x", i.to_bytes(16, "big"), 3, {"text": f"m{i}", "out": False})
-    d._wake()
+    d.log.wake()
 
 
 def _subscribe(d: Daemon, sink: Sink, since: int) -> Caller:
@@ -111,7 +111,7 @@ def test_a_slow_subscriber_is_dropped_and_resumes_from_its_cursor(daemon: Daemon
 
 def test_live_events_that_do_not_fit_drop_the_subscriber_too(daemon: Daemon) -> None:
     sink = Sink(room=3)
-    _subscribe(daemon, sink, since=daemon._bounds()[1])
+    _subscribe(daemon, sink, since=daemon.log.bounds()[1])
     from securechat.client.events import PresenceEvent
 
     for _ in range(10):  # a presence flood never makes the daemon buffer
