@@ -204,7 +204,7 @@ def _history_through(path: Path, args: argparse.Namespace) -> int:
     daemon = remote.RemoteMessenger(path, lambda event: None)
     try:
         conv = app.conversation(daemon.identity.public, peers)
-        _print_history(daemon.history(conv.conv_id, min(args.n, remote.MAX_HISTORY)), args.json)
+        _print_history(daemon.history(conv.conv_id, args.n), args.json)
     finally:
         daemon.close()
     return 0

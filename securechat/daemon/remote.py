@@ -323,8 +323,21 @@ class RemoteMessenger:
         return bool(self._client.call("trust", {"peer": peer.name})["replaced"])
 
     def history(self, conv: str, limit: int) -> list[dict[str, object]]:
-        result = self._client.call("history", {"conv": conv, "limit": limit})
-        return [record_of(item) for item in result["messages"]]
+        """The last ``limit`` messages, oldest first, a page of at most MAX_HISTORY at a time."""
+        pages: list[list[dict[str, object]]] = []
+        before: int | None = None
+        while limit > 0:
+            params: dict[str, Any] = {"conv": conv, "limit": min(limit, MAX_HISTORY)}
+            if before is not None:
+                params["before"] = before
+            result = self._client.call("history", params)
+            page = [record_of(item) for item in result["messages"]]
+            pages.append(page)
+            limit -= len(page)
+            before = result["before"]
+            if before is None or len(page) < params["limit"]:
+                break
+        return [record for page in reversed(pages) for record in page]
 
     def wait_all_accepted(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

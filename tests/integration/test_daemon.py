@@ -364,3 +364,25 @@ def test_presence_events(home: Path, relay: Relay, client: LineRpc) -> None:
         if bob.poll() is None:
             bob.kill()
             bob.communicate(timeout=5)
+
+
+def test_history_through_the_daemon_pages_like_the_local_one(
+    home: Path, relay: Relay, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _bob_sends(home, relay, *[f"line {i}" for i in range(7)])
+    client = LineRpc.unix(daemon.socket)
+    first = client.call("history", {"to": ["bob"], "limit": 3})
+    assert [m["text"] for m in first["messages"]] == ["line 4", "line 5", "line 6"]
+    before = client.call("history", {"to": ["bob"], "limit": 3, "before": first["before"]})
+    assert [m["text"] for m in before["messages"]] == ["line 1", "line 2", "line 3"]
+    client.close()
+    from securechat.daemon import remote
+
+    monkeypatch.setenv("SECURECHAT_HOME", str(home))
+    monkeypatch.setattr(remote, "MAX_HISTORY", 2)  # several pages for -n 5
+    engine = remote.RemoteMessenger(daemon.socket, lambda event: None)
+    try:
+        records = engine.history(first["messages"][0]["conversation"]["id"], 5)
+    finally:
+        engine.close()
+    assert [r["text"] for r in records] == [f"line {i}" for i in range(2, 7)]
