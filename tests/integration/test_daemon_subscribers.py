@@ -137,3 +137,28 @@ def test_a_cursor_older_than_the_log_says_so(daemon: Daemon) -> None:
     assert result["missed"] is True and result["oldest"] == 3
     fine = daemon.call(rpc.Request("subscribe", {"since": 2}, 1, False), Caller(Sink(10)))
     assert fine["missed"] is False
+
+
+def test_a_socket_path_longer_than_sun_path_still_works(tmp_path: Path) -> None:
+    """Key directories deep in a home folder exceed sun_path's 108 bytes: reached through
+    a directory descriptor instead."""
+    import os
+    import socket as sock_mod
+
+    from securechat.daemon import server
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "alice.sock"
+    assert len(str(path)) > 108
+    address, fd = server._address(path)
+    listener = sock_mod.socket(sock_mod.AF_UNIX, sock_mod.SOCK_STREAM)
+    try:
+        listener.bind(address)
+        listener.listen(1)
+        assert path.exists() and server.answers(path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        listener.close()
+    assert not server.answers(path)  # a stale file: nobody answers
