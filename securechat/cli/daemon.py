@@ -35,7 +35,7 @@ def configure(command: str, p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from securechat.daemon.run import running_daemon
+    from securechat.daemon.run import running_daemon, say
     from securechat.daemon.server import serve_connection
 
     stop = threading.Event()
@@ -46,11 +46,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with running_daemon(args.key, args.relay, args.relay_key) as (daemon, sock):
-        print(
-            f"securechat: daemon for {daemon.account} listening on {sock.path}",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"securechat: daemon for {daemon.account} listening on {sock.path}")
 
         def stdio() -> None:
             try:

@@ -16,6 +16,13 @@ from securechat.daemon.service import Daemon, socket_path
 from securechat.errors import InUseError
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write: threads (the relay pin notice, the start-up line)
+    must not interleave inside a line (``print`` writes the text and the newline apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def running_daemon(
     key: str | None, relay: str | None, relay_key_file: str | None
@@ -41,7 +48,7 @@ def running_daemon(
             store,
             reader,
             address,
-            app.known_relays(lambda text: print(f"securechat: {text}", file=sys.stderr)),
+            app.known_relays(lambda text: say(f"securechat: {text}")),
             pinned_relay_key=pinned,
         )
         sock = SocketServer(daemon, path)
