@@ -20,7 +20,7 @@ from relay_fixture import cli_cmd
 from relay_fixture import cli_env as env_for
 from relayclient import PipeDrain
 
-START_TIMEOUT = 15.0
+START_TIMEOUT = 30.0  # a busy 2-core machine: Python start, key, store
 CALL_TIMEOUT = 10.0
 
 
@@ -44,6 +44,7 @@ class Daemon:
             cwd=home.parent,
         )
         assert proc.stderr is not None
+        seen: list[str] = []
         deadline = time.monotonic() + START_TIMEOUT
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stderr, selectors.EVENT_READ)
@@ -53,11 +54,16 @@ class Daemon:
                 line = proc.stderr.readline()
                 if not line:
                     break
+                seen.append(line)
                 if "listening on " in line:
                     path = Path(line.split("listening on ", 1)[1].strip())
                     return cls(proc, path, PipeDrain(proc.stderr))
         proc.kill()
-        raise RuntimeError(f"daemon did not start: {proc.communicate(timeout=5)}")
+        rest = proc.communicate(timeout=5)[1]
+        raise RuntimeError(
+            f"daemon did not start within {START_TIMEOUT}s (exit {proc.returncode}): "
+            f"{''.join(seen)}{rest}"
+        )
 
     def stop(self) -> int:
         if self.proc.poll() is None:
