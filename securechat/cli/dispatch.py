@@ -64,6 +64,8 @@ COMMANDS: Final = {
         "invite", "exchange keys with someone: print a one-time code for 'securechat accept'"
     ),
     "accept": Command("invite", "accept an invite: exchange keys with whoever gave you CODE"),
+    "daemon": Command("daemon", "run one long-lived client for an identity, serving JSON-RPC"),
+    "web": Command("web", "open the chat in a browser (127.0.0.1, a token in the URL)"),
     "demo": Command("demo", "run a short conversation on an embedded relay"),
 }
 

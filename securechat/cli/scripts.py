@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -17,13 +18,14 @@ from typing import Final
 
 from securechat.cli.options import add_client_arguments, add_timeout
 from securechat.client import app, keystore
-from securechat.client.app import load_peers, open_client, open_store
+from securechat.client.app import load_peers, open_store
+from securechat.client.engine import Engine
 from securechat.client.events import Event, MessageEvent, NoticeEvent
-from securechat.client.messenger import Messenger
 from securechat.client.peers import KnownPeers
 from securechat.client.relays import canonical_address, read_relay_key_file
 from securechat.core import envelope
 from securechat.core.encoding import fingerprint
+from securechat.daemon import attach, remote
 from securechat.errors import DeliveryTimeoutError, RelayError, UsageError
 from securechat.ui import format as fmt
 from securechat.ui.format import json_line, pipe_line
@@ -61,7 +63,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     texts = _texts_to_send(args)
     peers = load_peers(args.peer)
     printer = _Printer(as_json=False)
-    with open_client(args.key, args.relay, args.relay_key, printer, receive=False) as client:
+    with attach.open_client(args.key, args.relay, args.relay_key, printer, receive=False) as client:
         conv = client.conversation(peers)
         messenger = client.messenger
         changed = messenger.check_peers(peers)  # refused before anything else (trust on first use)
@@ -99,7 +101,7 @@ def _texts_to_send(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _earlier(messenger: Messenger) -> str:
+def _earlier(messenger: Engine) -> str:
     pending = messenger.pending()
     if not pending:
         return ""
@@ -109,7 +111,7 @@ def _earlier(messenger: Messenger) -> str:
     )
 
 
-def _raise_not_accepted(messenger: Messenger, timeout: float) -> None:
+def _raise_not_accepted(messenger: Engine, timeout: float) -> None:
     pending = messenger.pending()
     queued = (
         f"{pending} message{'s' if pending != 1 else ''} queued in the outbox: the next "
@@ -124,8 +126,16 @@ def _raise_not_accepted(messenger: Messenger, timeout: float) -> None:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    """Through a daemon: the messages it stored since the last receive (its cursor is kept
+    in NAME.receive.cursor), then new ones; without one: what the relay holds, as before."""
     printer = _Printer(as_json=args.json)
-    with open_client(args.key, args.relay, args.relay_key, printer) as client:
+    name = remote.socket_of(args.key).stem
+    saved = _read_cursor(name)
+
+    def since(daemon: remote.RemoteMessenger) -> int:
+        return saved if saved is not None else daemon.start_cursor
+
+    with attach.open_client(args.key, args.relay, args.relay_key, printer, since=since) as client:
         messenger = client.messenger
         app.wait_for_relay(messenger, what="nothing was received")
         messenger.synced.wait(args.timeout)
@@ -136,13 +146,43 @@ def cmd_receive(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         # Anything we sent earlier and still had queued gets a last chance too.
         messenger.wait_all_accepted(1.0)
+        if isinstance(messenger, remote.RemoteMessenger):
+            _write_cursor(name, messenger.cursor)
+        elif isinstance(client, app.Client):
+            _write_cursor(name, client.store.events_bounds()[1])
     return 0
 
 
+def _read_cursor(name: str) -> int | None:
+    """The daemon cursor the last receive printed up to (None: never, or unreadable)."""
+    try:
+        text = attach.cursor_file(name).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.strip().isdigit() else None
+
+
+def _write_cursor(name: str, cursor: int) -> None:
+    """Best effort: a lost cursor file means the next receive starts at the daemon's start."""
+    path = attach.cursor_file(name)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{cursor}\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def cmd_history(args: argparse.Namespace) -> int:
-    """Read the history without the identity's lock, so it works while talk runs."""
+    """Read the history without the identity's lock, so it works while talk runs; through
+    the daemon when one runs (then no passphrase is asked)."""
     if args.n <= 0:
         raise UsageError("-n must be a positive number of messages", hint="for example -n 20")
+    path = remote.find(args.key)
+    if path is not None:
+        return _history_through(path, args)
     identity = keystore.load_identity(args.key)
     peers = load_peers(args.peer)
     conv = app.conversation(identity.public, peers)
@@ -153,13 +193,29 @@ def cmd_history(args: argparse.Namespace) -> int:
         entries = store.history(conv.conv_id, args.n)
     finally:
         store.close()
-    for entry in entries:
-        record = {**entry.record, "status": entry.status, "msg_id": entry.msg_id.hex()}
-        if args.json:
+    _print_history(
+        [{**e.record, "status": e.status, "msg_id": e.msg_id.hex()} for e in entries], args.json
+    )
+    return 0
+
+
+def _history_through(path: Path, args: argparse.Namespace) -> int:
+    peers = load_peers(args.peer)
+    daemon = remote.RemoteMessenger(path, lambda event: None)
+    try:
+        conv = app.conversation(daemon.identity.public, peers)
+        _print_history(daemon.history(conv.conv_id, args.n), args.json)
+    finally:
+        daemon.close()
+    return 0
+
+
+def _print_history(records: list[dict[str, object]], as_json: bool) -> None:
+    for record in records:
+        if as_json:
             print(json.dumps(fmt.history_json(record), ensure_ascii=False))
         else:
             print(fmt.history_text(record))
-    return 0
 
 
 def cmd_trust(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from securechat.client import keystore
+from securechat.client.engine import Engine
 from securechat.client.events import Event, NoticeEvent
 from securechat.client.link import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT
 from securechat.client.messenger import Messenger
@@ -141,7 +142,7 @@ def open_client(
         store.close()
 
 
-def wait_for_relay(messenger: Messenger, *, what: str, timeout: float = RELAY_WAIT) -> None:
+def wait_for_relay(messenger: Engine, *, what: str, timeout: float = RELAY_WAIT) -> None:
     """Return once connected; otherwise raise why, at once, ending with ``what`` happened.
 
     The first failed attempt is reported (refused, unreachable, not a relay, a

@@ -162,6 +162,17 @@ class Messenger:
         with self._lock:
             return self.session.pending()
 
+    def record_event(self, event: dict[str, object]) -> int:
+        """Append an event to the store's log (a daemon's ``keyChanged``); return its cursor."""
+        with self._lock, self.store.transaction():
+            return self.store.event_add(event)
+
+    def watch(self, peers: Iterable[keys.PublicIdentity]) -> None:
+        """Report these peers' presence from now on (replaces the list)."""
+        with self._lock:
+            out = self.session.watch(peers)
+            self._write_quietly(out.frames)
+
     def history(self, conv: str, limit: int) -> list[dict[str, object]]:
         with self._lock:
             return self.session.history(conv, limit)

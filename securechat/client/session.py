@@ -274,7 +274,7 @@ class ClientSession:
                 )
             return
         name, verified = self.peers.name_of(received.sender)
-        fresh = self._store_received(received, name, verified)
+        fresh = self._store_received(received, name, verified, frame.timestamp_ms, now_ms)
         if received.fallback and self.state.has_prekeys:
             out.events.append(
                 NoticeEvent(
@@ -288,8 +288,14 @@ class ClientSession:
             self.received_count += 1
             out.events.append(_message_event(received, self._conv_of(received), name, verified))
 
-    def _store_received(self, received: e2e.Received, name: str, verified: bool) -> bool:
-        """History line and receipt due, with the ratchet, in one transaction; False if seen."""
+    def _store_received(
+        self, received: e2e.Received, name: str, verified: bool, relay_ms: int, now_ms: int
+    ) -> bool:
+        """History line and receipt due, with the ratchet, in one transaction; False if seen.
+
+        The line keeps the three times (the sender's clock, the relay's, ours) and who
+        the sender and the group's members are (X25519 keys), for a daemon's events.
+        """
         content = received.content
         with self._e2e.transaction():
             fresh = True
@@ -301,7 +307,12 @@ class ClientSession:
                     "text": content.text,
                     "out": False,
                     "verified": verified,
+                    "from": received.sender.dh.hex(),
+                    "relay_ms": relay_ms,
+                    "received_ms": now_ms,
                 }
+                if content.group is not None:
+                    record["members"] = [m.hex() for m in content.group.members]
                 fresh = self.store.history_add(
                     self._conv_of(received), content.msg_id, Status.RECEIVED, record
                 )

@@ -14,9 +14,16 @@ One SQLite database per identity under the key directory,
 * receipts due: ids of messages we stored, to be acknowledged end to end;
 * who has acknowledged each message we sent (``delivered``);
 * the history, one sealed record per message, per conversation;
-* the known peers (trust on first use), one sealed blob.
+* the known peers (trust on first use), one sealed blob;
+* the event log (schema 4): one sealed row per history line added, per mark
+  raised and per key change noticed, numbered by a cursor that only grows. It is
+  written in the transaction that changes the history, by whichever process holds
+  the lock, so a daemon's subscriber that was away resumes from its last cursor
+  and misses nothing (:mod:`securechat.daemon`). Rows hold references (kind,
+  conversation, message id, mark, time), not the text, which stays in the
+  history; the oldest rows beyond :data:`MAX_EVENTS` are deleted.
 
-What a reader of the file learns (schema 3): row counts and sizes, the order
+What a reader of the file learns (schema 4): row counts and sizes, the order
 of rows, a delivery status per history row, and which rows belong to the same
 conversation or peer. It does not learn who the peers are, which message ids
 the relay saw, or when: every row key is a MAC under a key derived from the
@@ -39,6 +46,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +68,10 @@ __all__ = [
 ]
 
 E2E_CORE_KEY: Final = "e2e/core"
+# Chosen: the event log keeps this many rows (about 150 bytes each sealed: ~15 MB at
+# most); a subscriber further behind is told it missed some (the history has them).
+MAX_EVENTS: Final = 100_000
+EVENTS_PRUNE_EVERY: Final = 1000  # prune the log once per this many rows added
 _MOVE_AWAY: Final = (
     "if it is corrupt, move it away (sessions will be re-established, unsent messages in it "
     "are lost)"
@@ -349,16 +361,79 @@ class ClientStore:
         return cur.rowcount > 0
 
     def history_add(self, conv: str, msg_id: bytes, status: int, record: dict[str, Any]) -> bool:
-        """Insert once per (conversation, message id); False if it was already there."""
-        return self._history_insert(conv, msg_id, status, record)
+        """Insert once per (conversation, message id); False if it was already there.
+
+        A new line is also an event in the log (same transaction as the caller's).
+        """
+        added = self._history_insert(conv, msg_id, status, record)
+        if added:
+            self.event_add({"type": "message", "conv": conv, "msg_id": msg_id.hex()})
+        return added
 
     def history_set_status(self, msg_id: bytes, status: int) -> bool:
-        """Raise a message's status (never lower it); True if it changed."""
+        """Raise a message's status (never lower it); True if it changed (then logged)."""
         cur = self._exec(
             "UPDATE history SET status = ? WHERE msg = ? AND status < ?",
             (status, self._seal.msg_key(msg_id), status),
         )
-        return cur.rowcount > 0
+        changed = cur.rowcount > 0
+        if changed:
+            self.event_add({"type": "receipt", "msg_id": msg_id.hex(), "status": status})
+        return changed
+
+    def history_entry(self, conv: str, msg_id: bytes) -> HistoryEntry | None:
+        """The history line of one message in one conversation, if kept."""
+        conv_key, msg_key = self._seal.conv_key(conv), self._seal.msg_key(msg_id)
+        row = self._exec(
+            "SELECT status, record FROM history WHERE conv = ? AND msg = ?", (conv_key, msg_key)
+        ).fetchone()
+        return None if row is None else self._entry(conv_key, msg_key, int(row[0]), row[1])
+
+    def history_page(
+        self, conv: str, before: int | None, limit: int
+    ) -> list[tuple[int, HistoryEntry]]:
+        """Up to ``limit`` lines before row ``before`` (None: the newest), oldest first,
+        each with its row number (the paging cursor of a daemon's ``history``)."""
+        rows = self._exec(
+            "SELECT seq, conv, msg, status, record FROM history WHERE conv = ? AND seq < ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (self._seal.conv_key(conv), before if before is not None else 2**63 - 1, limit),
+        ).fetchall()
+        return [
+            (int(q), self._entry(bytes(c), bytes(m), int(s), r)) for q, c, m, s, r in reversed(rows)
+        ]
+
+    # --- the event log ------------------------------------------------------------------------
+
+    def event_add(self, event: dict[str, Any]) -> int:
+        """Append one event (inside the caller's transaction, if any); return its cursor.
+
+        The cursor is one more than the newest row's, so it only grows: pruning
+        never removes the newest row. The time is added here (this is a shell).
+        """
+        row = self._exec("SELECT MAX(seq) FROM events").fetchone()
+        seq = int(row[0] or 0) + 1
+        record = {**event, "at_ms": int(time.time() * 1000)}
+        sealed = self._seal.seal(self._keys.history, f"events/{seq}", json.dumps(record).encode())
+        self._exec("INSERT INTO events (seq, v) VALUES (?, ?)", (seq, sealed))
+        if seq % EVENTS_PRUNE_EVERY == 0:
+            self._exec("DELETE FROM events WHERE seq <= ?", (seq - MAX_EVENTS,))
+        return seq
+
+    def events_since(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Events with a cursor above ``after``, oldest first, at most ``limit``."""
+        rows = self._exec(
+            "SELECT seq, v FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
+        return [
+            (int(seq), json.loads(self._open(self._keys.history, f"events/{int(seq)}", v)))
+            for seq, v in rows
+        ]
+
+    def events_bounds(self) -> tuple[int, int]:
+        """(oldest cursor kept, newest cursor); (0, 0) for an empty log."""
+        row = self._exec("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        return int(row[0] or 0), int(row[1] or 0)
 
     def _entry(self, conv_key: bytes, msg_key: bytes, status: int, sealed: bytes) -> HistoryEntry:
         ad = f"history/{conv_key.hex()}/{msg_key.hex()}"

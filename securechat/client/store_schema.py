@@ -1,6 +1,8 @@
 """The client store's tables and their migrations (shell).
 
-Schema 3 is current (``PRAGMA user_version``). A new file gets the tables at
+Schema 4 is current (``PRAGMA user_version``): schema 3 plus the event log
+(table ``events``, what a daemon's subscribers resume from), which the 3 -> 4
+migration adds empty (the history stays where it is). A new file gets the tables at
 once; schema 2 (raw keys, ids and conversation ids as row keys) is re-keyed by
 MAC and re-sealed, and schema 1 (no ``e2e_peers`` table, the E2E state in one
 blob that :mod:`securechat.client.e2e_store` moves into rows) goes through
@@ -20,7 +22,7 @@ from typing import Any, Final
 from securechat.client.sealing import Sealer
 from securechat.errors import StorageError
 
-SCHEMA_VERSION: Final = 3  # PRAGMA user_version; 0 = a new file or a schema 1 file
+SCHEMA_VERSION: Final = 4  # PRAGMA user_version; 0 = a new file or a schema 1 file
 
 TABLES: Final = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -56,7 +58,12 @@ CREATE TABLE IF NOT EXISTS delivered (
     peer BLOB NOT NULL,
     PRIMARY KEY (msg, peer)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, v BLOB NOT NULL);
 """
+# Schema 3 -> 4: the event log, empty (cursors start after the migration).
+_SCHEMA_4_EVENTS: Final = (
+    "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, v BLOB NOT NULL)"
+)
 
 # Schema 2 tables (schema 1 = the same without e2e_peers), read only by the migration.
 _SCHEMA_2_MISSING: Final = (
@@ -88,7 +95,11 @@ def create_or_migrate(
         db.execute(_SCHEMA_2_MISSING)  # schema 1: the E2E blob moves later (e2e_store)
         version = 2
     if version == 2:
-        _migrate_2_to_3(db, sealer, outbox_insert, history_insert)
+        _migrate_2_to_3(db, sealer, outbox_insert, history_insert)  # TABLES has events too
+    elif version == 3:
+        db.executescript(
+            f"BEGIN IMMEDIATE; {_SCHEMA_4_EVENTS}; PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+        )
     elif version != SCHEMA_VERSION:
         raise StorageError(
             f"the client state {path} has schema version {version}, expected "

@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from typing import Final, TextIO
 
 from securechat.client import app
+from securechat.client.engine import Engine
 from securechat.client.events import ConnectionEvent, Event, MessageEvent, NoticeEvent
-from securechat.client.messenger import Messenger
 from securechat.client.peers import Conversation
 from securechat.core import envelope, keys
+from securechat.daemon import attach
 from securechat.errors import DeliveryTimeoutError, SessionError, UsageError
 from securechat.ui import format as fmt
 
@@ -90,9 +91,9 @@ def _input_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
 def run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
     """Send stdin's lines to ``peers``, print what arrives; raise why it failed."""
     printer = _PipePrinter(sys.stdout, sys.stderr, args.json)
-    with app.open_client(
+    with attach.open_client(
         args.key,
-        relay,
+        args.relay,  # None unless given: a daemon's own relay is then no surprise
         args.relay_key,
         printer,
         keep_history=not args.no_history,
@@ -109,13 +110,13 @@ def run_pipe(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdenti
         # earlier run goes out before the new lines, so order is kept.
         messenger.synced.wait(min(CONNECT_GRACE, args.timeout))
         refused = _send_lines(messenger, conv, sys.stdin)
-        _finish(messenger, relay, args.timeout, printer)
+        _finish(messenger, messenger.relay_address, args.timeout, printer)
         if refused is not None:
             raise refused
     return 0
 
 
-def _send_lines(messenger: Messenger, conv: Conversation, stream: TextIO) -> UsageError | None:
+def _send_lines(messenger: Engine, conv: Conversation, stream: TextIO) -> UsageError | None:
     """Send each line; stop at the first one that cannot be sent and say which."""
     for number, line in _input_lines(stream):
         if len(line.encode()) > envelope.MAX_TEXT_BYTES:
@@ -133,7 +134,7 @@ def _send_lines(messenger: Messenger, conv: Conversation, stream: TextIO) -> Usa
     return None
 
 
-def _finish(messenger: Messenger, relay: str, timeout: float, printer: _PipePrinter) -> None:
+def _finish(messenger: Engine, relay: str, timeout: float, printer: _PipePrinter) -> None:
     """Wait for the relay's acknowledgements, then briefly for incoming messages."""
     if not messenger.wait_all_accepted(timeout):
         if messenger.fatal is not None:

@@ -41,11 +41,12 @@ from prompt_toolkit.layout.controls import FormattedTextControl
 from prompt_toolkit.layout.dimension import Dimension
 from prompt_toolkit.widgets import TextArea
 
-from securechat.client import app, keystore
+from securechat.client import keystore
+from securechat.client.engine import Engine
 from securechat.client.events import STATUS_PENDING
-from securechat.client.messenger import Messenger
 from securechat.client.peers import Conversation
 from securechat.core import envelope, keys
+from securechat.daemon import attach
 from securechat.errors import SecureChatError, UsageError
 from securechat.ui import format as fmt
 from securechat.ui import status as status_line
@@ -67,7 +68,7 @@ class ChatScreen:
         self._pending = 0
         self._blocked: dict[str, str] = {}  # peer name -> why we refuse to send
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securechat-send")
-        self._messenger: Messenger | None = None
+        self._messenger: Engine | None = None
         self._conv: Conversation | None = None
         self.input = TextArea(
             prompt=[("class:prompt", "> ")],
@@ -99,8 +100,9 @@ class ChatScreen:
 
     # --- life cycle -----------------------------------------------------------------------
 
-    def attach(self, messenger: Messenger, conv: Conversation) -> None:
+    def attach(self, messenger: Engine, conv: Conversation) -> None:
         self._messenger = messenger
+        self._relay = messenger.relay_address  # a daemon's, when talk goes through one
         self._conv = conv
         self.log.conv_id = conv.conv_id
         me = messenger.identity.public
@@ -265,7 +267,7 @@ class ChatScreen:
         assert messenger is not None and conv is not None
         self.log.show_history(messenger.history(conv.conv_id, count), header)
 
-    def _trust(self, messenger: Messenger, name: str) -> None:
+    def _trust(self, messenger: Engine, name: str) -> None:
         if not name:
             self.log.add(Line("error", "usage: /trust NAME (the peer whose new key you verified)"))
             return
@@ -357,9 +359,9 @@ class ChatScreen:
 def run_screen(args: argparse.Namespace, relay: str, peers: list[keys.PublicIdentity]) -> int:
     """Open the client, run the screen until the user leaves, report what is still queued."""
     screen = ChatScreen(peers, relay)
-    with app.open_client(
+    with attach.open_client(
         args.key,
-        relay,
+        args.relay,  # None unless given: a daemon's own relay is then no surprise
         args.relay_key,
         screen.post,
         keep_history=not args.no_history,
