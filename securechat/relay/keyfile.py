@@ -65,12 +65,7 @@ def load_or_create(directory: Path, rng: Callable[[int], bytes] = os.urandom) ->
     with map_exceptions({OSError: StorageError}, f"cannot read or write the relay key {path}"):
         if not path.exists():
             return _create(directory, rng(dh.KEY_SIZE))
-        files.check_private_permissions(path)
-        try:
-            text = path.read_text(encoding="ascii")
-        except UnicodeDecodeError as exc:
-            raise CorruptKeyError(f"{path} is not a text key file") from exc
-    return _parse(text, path)
+        return _read(path)
 
 
 def _create(directory: Path, private: bytes) -> bytes:
@@ -98,11 +93,16 @@ def load_file(path: Path) -> bytes:
                 f"no relay key at {path}; create one with `securechat relay --data DIR` once"
                 " (DIR/relay.key) and give every node that file"
             )
-        files.check_private_permissions(path)
-        try:
-            text = path.read_text(encoding="ascii")
-        except UnicodeDecodeError as exc:
-            raise CorruptKeyError(f"{path} is not a text key file") from exc
+        return _read(path)
+
+
+def _read(path: Path) -> bytes:
+    """An existing key file: refused if others may read it, then parsed."""
+    files.check_private_permissions(path)
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError as exc:
+        raise CorruptKeyError(f"{path} is not a text key file") from exc
     return _parse(text, path)
 
 

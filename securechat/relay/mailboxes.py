@@ -28,10 +28,11 @@ list of :data:`Row`, :class:`Published`, :class:`Bundle`, ``bool``.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypeVar
 
 R = TypeVar("R")
 
@@ -224,3 +225,27 @@ class Mailboxes(Protocol):
     def is_known(self, mailbox: bytes) -> bool: ...
 
     def note_known(self, mailbox: bytes) -> None: ...
+
+
+STOP: Final = object()  # queued by a store thread's stop(): finish what is queued, then close
+
+
+def take_batch(
+    first: object, pending: queue.SimpleQueue[Request[Any] | object], limit: int
+) -> tuple[list[Request[Any]], bool]:
+    """``first`` and whatever else is already queued, up to ``limit`` requests, for one
+    transaction or pipeline (the group commit of both stores); and whether STOP came."""
+    batch: list[Request[Any]] = []
+    item: object | None = first
+    while item is not None:
+        if item is STOP:
+            return batch, True
+        assert isinstance(item, Request)
+        batch.append(item)
+        if len(batch) >= limit:
+            break
+        try:
+            item = pending.get_nowait()
+        except queue.Empty:
+            break
+    return batch, False

@@ -47,6 +47,7 @@ from securechat.core import wire
 from securechat.errors import StorageError
 from securechat.relay.limits import MAX_STORED_OTKS, STORE_BATCH, STORE_REQUEST_COST, RelayConfig
 from securechat.relay.mailboxes import (
+    STOP,
     Bundle,
     Delete,
     Fetch,
@@ -58,6 +59,7 @@ from securechat.relay.mailboxes import (
     Request,
     Row,
     TakePrekeys,
+    take_batch,
 )
 
 log = logging.getLogger("securechat.relay")
@@ -69,7 +71,6 @@ PREKEY_HINT_S: Final = 5.0  # a one-time prekey count seen this recently is trus
 UNKNOWN_PREKEYS: Final = 1  # count assumed for an identity not seen lately ("maybe some")
 MAX_HINTS: Final = 1 << 16  # prekey counts and known mailboxes kept in memory
 FULL_LOG_S: Final = 10.0  # a full Redis is logged once per this many seconds
-_STOP: Final = object()
 
 
 def mailbox_keys(mailbox: bytes) -> dict[str, str]:
@@ -120,7 +121,7 @@ class RedisMailboxes:
 
     def stop(self) -> None:
         """Finish what is queued, then stop."""
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         self._thread.join()
 
     def submit(self, request: Request[Any]) -> None:
@@ -163,20 +164,7 @@ class RedisMailboxes:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            item = self._queue.get()
-            batch: list[Request[Any]] = []
-            while item is not None:
-                if item is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(item, Request)
-                batch.append(item)
-                if len(batch) >= STORE_BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            batch, stopping = take_batch(self._queue.get(), self._queue, STORE_BATCH)
             if batch:
                 try:
                     self._run_batch(batch)

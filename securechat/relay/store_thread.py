@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from securechat.relay.limits import STORE_BATCH, STORE_REQUEST_COST, RelayConfig
-from securechat.relay.mailboxes import Insert, InsertResult, Request
+from securechat.relay.mailboxes import STOP, Insert, InsertResult, Request, take_batch
 from securechat.relay.store import RESERVE_BYTES, MailboxStore
 
 log = logging.getLogger("securechat.relay")
@@ -40,7 +40,6 @@ log = logging.getLogger("securechat.relay")
 SQLITE_FULL: Final = 13  # SQLite's result code for "database or disk is full"
 SPACE_CHECK_S: Final = 0.5  # how often a store in low-space mode retries the reserve
 KNOWN_FLUSH_S: Final = 1.0  # how often newly connected identities are recorded as known
-_STOP: Final = object()  # queued by stop(): finish what is queued, then close
 
 
 class StoreThread:
@@ -149,29 +148,17 @@ class StoreThread:
     # --- the thread ----------------------------------------------------------------------------
     def stop(self) -> None:
         """Finish every queued request, then close the database."""
-        self._queue.put(_STOP)
+        self._queue.put(STOP)
         self._thread.join()
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch: list[Request[Any]] = []
             try:
-                item = self._queue.get(timeout=KNOWN_FLUSH_S)
+                first: object | None = self._queue.get(timeout=KNOWN_FLUSH_S)
             except queue.Empty:
-                item = None  # a quiet second: the timers below still run
-            while item is not None:
-                if item is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(item, Request)
-                batch.append(item)
-                if len(batch) >= STORE_BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+                first = None  # a quiet second: the timers below still run
+            batch, stopping = take_batch(first, self._queue, STORE_BATCH)
             try:
                 self._maybe_purge()
                 if batch:
