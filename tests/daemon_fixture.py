@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import selectors
+import re
 import signal
 import socket
 import subprocess
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from relay_fixture import cli_cmd
 from relay_fixture import cli_env as env_for
 from relayclient import PipeDrain
 
+LISTENING = re.compile(r"listening on (.+)$")
+WEB_URL = re.compile(r"^http://127\.0\.0\.1:\S+")
 START_TIMEOUT = 30.0  # a busy 2-core machine: Python start, key, store
 CALL_TIMEOUT = 10.0
 
@@ -40,29 +41,23 @@ class Daemon:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=env_for(home),
+            env=env_for(home, PYTHONFAULTHANDLER="1"),
             cwd=home.parent,
         )
         assert proc.stderr is not None
-        seen: list[str] = []
-        deadline = time.monotonic() + START_TIMEOUT
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stderr, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not sel.select(timeout=deadline - time.monotonic()):
-                    continue
-                line = proc.stderr.readline()
-                if not line:
-                    break
-                seen.append(line)
-                if "listening on " in line:
-                    path = Path(line.split("listening on ", 1)[1].strip())
-                    return cls(proc, path, PipeDrain(proc.stderr))
-        proc.kill()
-        rest = proc.communicate(timeout=5)[1]
+        log = PipeDrain(proc.stderr)
+        match = log.wait_for(LISTENING, START_TIMEOUT)
+        if match is not None:
+            return cls(proc, Path(match.group(1).strip()), log)
+        # Stuck: SIGABRT makes faulthandler print every thread's stack into the log.
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
         raise RuntimeError(
-            f"daemon did not start within {START_TIMEOUT}s (exit {proc.returncode}): "
-            f"{''.join(seen)}{rest}"
+            f"daemon did not start within {START_TIMEOUT}s (exit {proc.returncode}): {log.text()}"
         )
 
     def stop(self) -> int:
@@ -191,12 +186,9 @@ class Web:
         )
         assert proc.stdout is not None and proc.stderr is not None
         log = PipeDrain(proc.stderr)
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            if sel.select(timeout=START_TIMEOUT):
-                url = proc.stdout.readline().strip()
-                if url.startswith("http://127.0.0.1:"):
-                    return cls(proc, url, log)
+        match = PipeDrain(proc.stdout).wait_for(WEB_URL, START_TIMEOUT)
+        if match is not None:
+            return cls(proc, match.group(0), log)
         proc.kill()
         proc.wait(timeout=5)
         raise RuntimeError(f"web did not start: {log.text()}")

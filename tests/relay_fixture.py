@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,16 +93,16 @@ class RelayProcess:
     """
 
     def __init__(
-        self, proc: subprocess.Popen[str], host: str, port: int, fp: str, data_dir: Path,
-        args: Sequence[str],
+        self, proc: subprocess.Popen[str], stdout: PipeDrain, match: re.Match[str],
+        data_dir: Path, args: Sequence[str],
     ) -> None:  # fmt: skip
         self.proc = proc
-        assert proc.stderr is not None and proc.stdout is not None
+        assert proc.stderr is not None
         self._stderr = PipeDrain(proc.stderr)
-        self._stdout = PipeDrain(proc.stdout)
-        self.host = host
-        self.port = port
-        self.fingerprint = fp
+        self._stdout = stdout
+        self.host = match.group(1)
+        self.port = int(match.group(2))
+        self.fingerprint = match.group(3)
         self.data_dir = data_dir
         self.args = tuple(args)
         self.public = decode_token(self.public_key_file.read_text().strip(), "screlay1", 32)
@@ -123,22 +121,13 @@ class RelayProcess:
             cwd=REPO,
         )
         assert proc.stdout is not None
-        line = ""
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:  # bounded: a silent child cannot hang us
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline and not LISTEN_RE.search(line):
-                if sel.select(timeout=max(deadline - time.monotonic(), 0)):
-                    line = proc.stdout.readline()
-                    if not line:
-                        break
-        match = LISTEN_RE.search(line)
+        stdout = PipeDrain(proc.stdout)
+        match = stdout.wait_for(LISTEN_RE, timeout)
         if match is None:
             proc.kill()
             _, err = proc.communicate(timeout=5)
-            raise RuntimeError(f"relay did not start: {line!r} {err[-2000:]}")
-        host, port_text, fp = match.groups()
-        return cls(proc, host, int(port_text), fp, data_dir, args)
+            raise RuntimeError(f"relay did not start: {stdout.snapshot()!r} {err[-2000:]}")
+        return cls(proc, stdout, match, data_dir, args)
 
     @property
     def address(self) -> str:

@@ -181,12 +181,41 @@ class PipeDrain:
 
     def __init__(self, stream: IO[str]) -> None:
         self._chunks: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
     def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._chunks.append(line)
+        try:
+            for line in stream:
+                with self._changed:
+                    self._chunks.append(line)
+                    self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._eof = True
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str] | None:
+        """The first line matching ``pattern``, waiting up to ``timeout`` seconds; None if
+        the child closed the pipe or the time ran out first.
+
+        (A selector on the pipe cannot do this: a text stream reads ahead, so a second
+        line may sit in its buffer while select() waits for more bytes that never come.)"""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self._chunks[seen:]:
+                    match = pattern.search(line)
+                    if match is not None:
+                        return match
+                seen = len(self._chunks)
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
 
     def text(self, timeout: float = 5.0) -> str:
         self._thread.join(timeout)
