@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from relay_fixture import RelayProcess as Relay
-from relay_fixture import cli_cmd
+from relay_fixture import cli_cmd, stop_process
 from relay_fixture import cli_env as env_for
 from relayclient import PipeDrain
 
@@ -61,13 +61,7 @@ class Daemon:
         )
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self.log.text()
         return self.proc.returncode
 
@@ -206,13 +200,7 @@ class Web:
         return self.url.split("#token=", 1)[1]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self.log.text()
         if self.proc.stdout is not None:
             self.proc.stdout.close()

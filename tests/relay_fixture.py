@@ -86,6 +86,20 @@ def keygen(home: Path, *names: str, force: bool = False) -> None:
         files.write_new_file(home / f"{name}.pub", public, mode=0o644, force=force)
 
 
+def stop_process(
+    proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> int:
+    """Signal a child by its PID, wait ``timeout`` seconds, then kill it; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    return proc.returncode
+
+
 class RelayProcess:
     """``securechat relay`` as a subprocess on a loopback port: start, connect, stop, restart.
 
@@ -155,13 +169,7 @@ class RelayProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, str]:
         """Signal the relay (by its PID), wait, return (exit code, stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_process(self.proc, sig, timeout)
         log = self._stderr.text()
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
