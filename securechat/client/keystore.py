@@ -179,8 +179,16 @@ def passphrase_from_env_or_tty(prompt: str, *, confirm: bool) -> bytes:
             "a passphrase is needed and there is no terminal to ask on",
             hint=f"set {ENV_PASSPHRASE} (or use --no-passphrase for keygen)",
         )
-    first = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+    try:
+        first = getpass.getpass(prompt)
+        again = getpass.getpass("Repeat passphrase: ") if confirm else first
+    except EOFError:  # Ctrl-D at the prompt: the user gave none
+        print(file=sys.stderr)  # end the prompt's line
+        raise PassphraseRequiredError(
+            "no passphrase given (end of input); nothing was written or unlocked",
+            hint="type the passphrase and press Enter (Ctrl-C cancels)",
+        ) from None
+    if again != first:
         raise UsageError("the two passphrases differ; nothing was written", hint="run it again")
     if confirm and not first:
         raise UsageError(

@@ -94,6 +94,26 @@ def test_tty_prompts_twice_and_mismatch_writes_nothing(sc_home: Path) -> None:
     assert res.returncode == 0
 
 
+def test_end_of_input_at_the_passphrase_prompt_is_one_line(sc_home: Path) -> None:
+    """Ctrl-D at the prompt: a one-line error and the passphrase exit code, no traceback."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "securechat", "keygen", "erin"],
+        env=cli_env(sc_home),
+        timeout=30,
+        encoding="utf-8",
+    )
+    child.expect("Passphrase for")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    output = child.before or ""
+    child.close()
+    assert child.exitstatus == 3, output
+    assert "no passphrase given (end of input)" in output
+    assert "Traceback" not in output
+    assert not (sc_home / "erin.key").exists()
+
+
 def test_group_readable_private_key_refused_with_fix(sc_home: Path) -> None:
     _keygen(sc_home, "alice", "--no-passphrase")
     _keygen(sc_home, "bob", "--no-passphrase")
