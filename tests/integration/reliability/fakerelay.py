@@ -14,17 +14,16 @@ One thread per connection: this is a test double for a handful of clients.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from securechat.core import dh, noise, wire
-from securechat.errors import SecureChatError
+from securechat.core import wire
+
+from noise_server import NoiseServerDouble, PeerConn
 
 ATTACKS = ("honest", "flip", "truncate", "dup", "hold", "replay", "reflect", "wrong_sender")
 
@@ -37,18 +36,7 @@ class Tally:
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
-class _Conn:
-    def __init__(self, sock: socket.socket, conn: noise.NoiseConnection, key: bytes) -> None:
-        self.sock, self.noise, self.key = sock, conn, key
-        self.lock = threading.Lock()
-
-    def send(self, frames: list[wire.Frame]) -> None:
-        data = b"".join(wire.encode(f) for f in frames)
-        with self.lock, contextlib.suppress(OSError):
-            self.sock.sendall(self.noise.send(data))
-
-
-class FakeRelay:
+class FakeRelay(NoiseServerDouble):
     """See the module docstring. ``attack_rate`` 0 makes it an honest relay."""
 
     def __init__(self, seed: int, attack_rate: float = 0.5, port: int = 0) -> None:
@@ -61,103 +49,41 @@ class FakeRelay:
         self.corrupt_next: set[bytes] = set()  # senders whose next frame arrives broken, alone
         self.attack_only: bytes | None = None  # if set, frames of other senders pass untouched
         self.received: dict[str, int] = {}  # frames received, by type name (idle checks)
-        self.private = os.urandom(32)
-        self.public = dh.public_key(self.private)
         self.tally = Tally()
         self._lock = threading.RLock()
-        self._conns: dict[bytes, _Conn] = {}  # mailbox -> live connection
+        self._conns: dict[bytes, PeerConn] = {}  # mailbox -> live connection
         self._backlog: dict[bytes, list[wire.Deliver]] = {}  # mailbox -> unacked deliveries
         self._held: dict[bytes, list[wire.Deliver]] = {}
         self._history: dict[bytes, list[wire.Deliver]] = {}  # honest deliveries per mailbox
         self._keys: dict[bytes, bytes] = {}  # mailbox -> identity key
         self._signed: dict[bytes, bytes] = {}
         self._otks: dict[bytes, list[bytes]] = {}
-        self._stop = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", port))
-        self._listener.settimeout(0.2)
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(port)  # listening starts last: the tables above exist
 
-    # --- plumbing ------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        with self._lock:
-            for c in self._conns.values():
-                c.sock.close()
-        for t in self._threads:
-            t.join(timeout=5)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(sock,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(0.2)
-        conn = noise.NoiseConnection(initiator=False, static_private=self.private, rng=os.urandom)
-        decoder = wire.FrameDecoder()
-        live: _Conn | None = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                _, plain, reply = conn.receive_data(data)
-                if reply:
-                    sock.sendall(reply)
-                if live is None and conn.complete and conn.remote_static is not None:
-                    live = _Conn(sock, conn, conn.remote_static)
-                    self._on_connect(live)
-                if live is not None and plain:
-                    for frame in decoder.feed(plain):
-                        self._on_frame(live, frame)
-        except (OSError, SecureChatError):
-            pass
-        finally:
-            if live is not None:
-                with self._lock:
-                    box = wire.mailbox_address(live.key)
-                    if self._conns.get(box) is live:
-                        del self._conns[box]
-            sock.close()
-
-    def _on_connect(self, c: _Conn) -> None:
+    def _on_connect(self, c: PeerConn) -> None:
         box = wire.mailbox_address(c.key)
         with self._lock:
             self._keys[box] = c.key
             self._conns[box] = c
             backlog = list(self._backlog.get(box, []))
             count = len(self._otks.get(c.key, []))
-        c.send([wire.PrekeyCount(count), *backlog, wire.Synced()])
+        c.send(wire.PrekeyCount(count), *backlog, wire.Synced())
 
-    def _on_frame(self, c: _Conn, frame: wire.Frame) -> None:
+    def _on_frame(self, c: PeerConn, frame: wire.Frame) -> None:
         name = type(frame).__name__
         with self._lock:
             self.received[name] = self.received.get(name, 0) + 1
         if isinstance(frame, wire.Send) and self.refuse_too_large:
-            c.send([wire.Error(wire.TOO_LARGE, frame.msg_id, "payload too large")])
+            c.send(wire.Error(wire.TOO_LARGE, frame.msg_id, "payload too large"))
         elif isinstance(frame, wire.Send) and self.claim_delivered:
-            c.send([wire.Accepted(frame.msg_id, wire.STATUS_DELIVERED)])  # and drop it
+            c.send(wire.Accepted(frame.msg_id, wire.STATUS_DELIVERED))  # and drop it
         elif isinstance(frame, wire.Send):
             self._route(c.key, frame.msg_id, frame.mailbox, frame.payload)
-            c.send([wire.Accepted(frame.msg_id, wire.STATUS_STORED)])
+            c.send(wire.Accepted(frame.msg_id, wire.STATUS_STORED))
         elif isinstance(frame, wire.SendMulti):
             for box, payload in frame.recipients:
                 self._route(c.key, frame.msg_id, box, payload)
-            c.send([wire.Accepted(frame.msg_id, wire.STATUS_STORED)])
+            c.send(wire.Accepted(frame.msg_id, wire.STATUS_STORED))
         elif isinstance(frame, wire.Ack):
             done = set(frame.entries)
             box = wire.mailbox_address(c.key)
@@ -171,7 +97,7 @@ class FakeRelay:
                     self._signed[c.key] = frame.signed_prekey
                 self._otks.setdefault(c.key, []).extend(frame.one_time_prekeys)
                 count = len(self._otks[c.key])
-            c.send([wire.PrekeyCount(count)])  # as the real relay answers every publish
+            c.send(wire.PrekeyCount(count))  # as the real relay answers every publish
         elif isinstance(frame, wire.FetchPrekeys):
             with self._lock:
                 otks = self._otks.get(frame.identity_key, [])
@@ -179,9 +105,9 @@ class FakeRelay:
                 signed = self._signed.get(frame.identity_key, b"")
                 if frame.identity_key in self.withhold_bundles:
                     signed, otk = b"", None
-            c.send([wire.Prekeys(frame.identity_key, signed, otk)])
+            c.send(wire.Prekeys(frame.identity_key, signed, otk))
         elif isinstance(frame, wire.Ping):
-            c.send([wire.Pong(frame.nonce)])
+            c.send(wire.Pong(frame.nonce))
 
     # --- routing and malice -------------------------------------------------------------------
 
@@ -190,7 +116,7 @@ class FakeRelay:
             self._backlog.setdefault(box, []).extend(frames)
             conn = self._conns.get(box)
         if conn is not None and frames:
-            conn.send(list(frames))
+            conn.send(*frames)
 
     def _count(self, kind: str) -> None:
         self.tally.by_kind[kind] = self.tally.by_kind.get(kind, 0) + 1
@@ -271,3 +197,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) 
             return True
         time.sleep(step)
     return predicate()
+
+    def _on_close(self, c: PeerConn) -> None:
+        with self._lock:
+            box = wire.mailbox_address(c.key)
+            if self._conns.get(box) is c:
+                del self._conns[box]
